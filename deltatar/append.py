@@ -1,0 +1,396 @@
+"""Record one visit: scan the source, store what changed, commit the head.
+
+The order of writes is what keeps every committed visit safe: the layer, the
+manifest and the contents list are written and fsynced under fresh names
+first, and only then does a new head name them.  A crash before that leaves
+objects no head names, which the next writer deletes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import stat
+import tarfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import manifest as manifest_module
+from .content import ContentSource
+from .delta import RESERVED_PREFIX, LayerBuilder, Settings
+from .errors import SourceError, UsageError
+from .head import VisitRecord
+from .layer import LayerWriter
+from .manifest import DIRECTORY, FILE, Entry, Manifest
+from .scan import Found, exclusion_spec, is_racy, scan, stat_matches
+
+logger = logging.getLogger(__name__)
+
+READ_ATTEMPTS = 3
+Progress = Callable[[int, int], None]
+
+
+@dataclass(slots=True)
+class Counts:
+    added: int = 0
+    changed: int = 0
+    metadata_only: int = 0
+    problems: list[str] = field(default_factory=list)
+
+
+def append_visit(
+    store,
+    src: Path,
+    message: str = "",
+    excludes: list[str] | tuple[str, ...] = (),
+    checksum: bool = False,
+    strict: bool = False,
+    progress: Progress | None = None,
+) -> VisitRecord:
+    """Append the state of ``src`` to ``store`` as its next visit."""
+    _check_source(src, store)
+    with store.writing(f"append {src}") as (head, token):
+        visit = head.next_visit
+        previous = store.load_manifest(head.latest()) if head.visits else None
+        scan_started = time.time_ns()
+        own_store = Path(store.location)
+        result = scan(src, own_store, exclusion_spec(src, list(excludes)), strict)
+        layer_name = store.new_object_name("layers", visit, ".tar.zst")
+        builder = _builder(store, head, layer_name, is_base=previous is None)
+        try:
+            entries, counts = _record_entries(
+                src, result.found, previous, builder, checksum, progress
+            )
+            tombstones = tombstones_between(previous, entries)
+            write_tombstones(builder, tombstones)
+            builder.writer.finish()
+        except BaseException:
+            builder.writer.abort()
+            raise
+        store.backend.put_file(layer_name, builder.writer.path)
+        counts.problems = result.problems + counts.problems
+        record = _commit(
+            store, head, token, visit, message, layer_name, entries,
+            scan_started, builder, counts, len(tombstones),
+        )
+    logger.info(
+        "visit %d appended: %d added, %d changed, %d deleted, %d bytes stored",
+        visit, record.added, record.changed, record.deleted, record.bytes_stored,
+    )
+    return record
+
+
+def _check_source(src: Path, store) -> None:
+    if not src.exists():
+        raise UsageError(f"{src}: source directory does not exist")
+    if not src.is_dir():
+        raise UsageError(f"{src}: source is not a directory")
+    store_path = Path(store.location).resolve()
+    if src.resolve() == store_path or store_path in src.resolve().parents:
+        raise UsageError(f"{src}: source lies inside the store {store.location}")
+
+
+def _builder(store, head, layer_name: str, is_base: bool) -> LayerBuilder:
+    settings: Settings = store.settings()
+    staging = store.backend.scratch_dir() / Path(layer_name).name
+    writer = LayerWriter(
+        staging, settings.level, settings.thread_count(), store.location
+    )
+    index = {} if is_base else store.content_index(head)
+    source = ContentSource(store.backend)
+    return LayerBuilder(writer, layer_name, is_base, index, source, settings)
+
+
+def _record_entries(
+    src: Path,
+    found: list[Found],
+    previous: Manifest | None,
+    builder: LayerBuilder,
+    checksum: bool,
+    progress: Progress | None,
+) -> tuple[list[Entry], Counts]:
+    previous_entries = previous.by_path() if previous else {}
+    previous_scan = previous.scan_started_ns if previous else 0
+    leaders: dict[tuple[int, int], Entry] = {}
+    counts = Counts()
+    entries: list[Entry] = []
+    for number, item in enumerate(found, 1):
+        old = previous_entries.get(item.path)
+        entry = _entry_for(item)
+        if item.type == FILE:
+            stored = _record_file(
+                src, item, entry, old, leaders, builder, checksum, previous_scan, counts
+            )
+            if not stored:
+                continue
+        elif builder.is_base or old is None or _differs(old, entry):
+            builder.add_metadata_member(entry)
+        entries.append(entry)
+        _count(counts, old, entry)
+        if progress is not None:
+            progress(number, len(found))
+    return entries, counts
+
+
+def _entry_for(item: Found) -> Entry:
+    info = item.stat
+    entry = Entry(
+        path=item.path,
+        type=item.type,
+        mode=stat.S_IMODE(info.st_mode),
+        mtime_ns=info.st_mtime_ns,
+        target=item.target,
+    )
+    if item.type == FILE:
+        entry.size, entry.inode, entry.ctime_ns = info.st_size, info.st_ino, info.st_ctime_ns
+    if item.type in ("chardev", "blockdev"):
+        entry.rdev = info.st_rdev
+    if os.geteuid() == 0:
+        entry.uid, entry.gid = info.st_uid, info.st_gid
+    return entry
+
+
+def _record_file(
+    src: Path,
+    item: Found,
+    entry: Entry,
+    old: Entry | None,
+    leaders: dict[tuple[int, int], Entry],
+    builder: LayerBuilder,
+    checksum: bool,
+    previous_scan: int,
+    counts: Counts,
+) -> bool:
+    """Fill in a file entry's content; False when the file cannot be recorded."""
+    key = (item.stat.st_dev, item.stat.st_ino)
+    leader = leaders.get(key) if item.stat.st_nlink > 1 else None
+    if leader is not None:
+        entry.hardlink_of = leader.path
+        _copy_content(entry, leader)
+        builder.add_hardlink_member(entry)
+        return True
+    reusable = old is not None and old.hardlink_of is None and not builder.is_base
+    if reusable and not checksum and stat_matches(old, item):
+        if not is_racy(old, previous_scan):
+            _copy_content(entry, old)
+            _register_leader(leaders, item, entry)
+            return True
+    if not _read_and_store(src, item, entry, old, builder, counts):
+        return False
+    _register_leader(leaders, item, entry)
+    return True
+
+
+def _register_leader(leaders: dict, item: Found, entry: Entry) -> None:
+    if item.stat.st_nlink > 1:
+        leaders[(item.stat.st_dev, item.stat.st_ino)] = entry
+
+
+def _copy_content(entry: Entry, source: Entry) -> None:
+    entry.size = source.size
+    entry.content_id = source.content_id
+    entry.recipe = source.recipe
+    entry.block_ids = source.block_ids
+
+
+def _read_and_store(
+    src: Path,
+    item: Found,
+    entry: Entry,
+    old: Entry | None,
+    builder: LayerBuilder,
+    counts: Counts,
+) -> bool:
+    """Read a file until a stable copy is had; never store a torn one."""
+    path = src / item.path
+    for attempt in range(READ_ATTEMPTS):
+        try:
+            if _store_stable_copy(path, entry, old, builder):
+                return True
+        except FileNotFoundError:
+            logger.info("%s vanished before it could be read", path)
+            return False
+        except OSError as error:
+            counts.problems.append(f"{path}: cannot read ({error.strerror})")
+            logger.warning("%s: cannot read (%s); skipped", path, error.strerror)
+            return False
+        logger.debug("%s changed while being read (attempt %d)", path, attempt + 1)
+    return _keep_previous_version(path, entry, old, counts)
+
+
+def _keep_previous_version(
+    path: Path, entry: Entry, old: Entry | None, counts: Counts
+) -> bool:
+    if old is not None and old.type == FILE and old.recipe is not None:
+        counts.problems.append(f"{path}: kept changing while read; previous version kept")
+        logger.warning("%s kept changing while read; keeping its previous version", path)
+        _copy_content(entry, old)
+        entry.mtime_ns, entry.mode = old.mtime_ns, old.mode
+        return True
+    counts.problems.append(f"{path}: kept changing while read; not recorded")
+    logger.warning("%s kept changing while read; not recorded in this visit", path)
+    return False
+
+
+def _store_stable_copy(
+    path: Path, entry: Entry, old: Entry | None, builder: LayerBuilder
+) -> bool:
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_NOATIME", 0)
+    try:
+        fd = os.open(path, flags)
+    except PermissionError:
+        fd = os.open(path, flags & ~getattr(os, "O_NOATIME", 0))
+    try:
+        before = os.fstat(fd)
+        if not stat.S_ISREG(before.st_mode):
+            raise FileNotFoundError(path)
+        _take_stat(entry, before)
+        if before.st_size > builder.settings.block_mode_size:
+            blocks = _iter_blocks(fd, before.st_size, builder.settings.block_size)
+            builder.store_blocks(entry, blocks, old)
+            return _unchanged(before, os.fstat(fd))
+        data = _read_all(fd, before.st_size)
+        if len(data) != before.st_size or not _unchanged(before, os.fstat(fd)):
+            return False
+        builder.store_small(entry, data, old)
+        return True
+    finally:
+        os.close(fd)
+
+
+def _take_stat(entry: Entry, info: os.stat_result) -> None:
+    entry.size = info.st_size
+    entry.mode = stat.S_IMODE(info.st_mode)
+    entry.mtime_ns = info.st_mtime_ns
+    entry.ctime_ns = info.st_ctime_ns
+    entry.inode = info.st_ino
+
+
+def _unchanged(before: os.stat_result, after: os.stat_result) -> bool:
+    return (before.st_size, before.st_mtime_ns, before.st_ctime_ns) == (
+        after.st_size,
+        after.st_mtime_ns,
+        after.st_ctime_ns,
+    )
+
+
+def _read_all(fd: int, size: int) -> bytes:
+    chunks = []
+    remaining = size + 1
+    while remaining > 0:
+        chunk = os.read(fd, min(remaining, 8 << 20))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        remaining -= len(chunk)
+    return b"".join(chunks)
+
+
+def _iter_blocks(fd: int, size: int, block_size: int) -> Iterator[bytes | int]:
+    """Yield blocks of the file, and the lengths of blocks that are all hole."""
+    offset = 0
+    while offset < size:
+        length = min(block_size, size - offset)
+        if _is_hole(fd, offset, length):
+            yield length
+        else:
+            yield os.pread(fd, length, offset)
+        offset += length
+
+
+def _is_hole(fd: int, offset: int, length: int) -> bool:
+    try:
+        next_data = os.lseek(fd, offset, os.SEEK_DATA)
+    except OSError:
+        return True
+    return next_data >= offset + length
+
+
+def _differs(old: Entry, new: Entry) -> bool:
+    return (
+        old.type != new.type
+        or old.mode != new.mode
+        or old.mtime_ns != new.mtime_ns
+        or old.content_id != new.content_id
+        or old.target != new.target
+        or old.hardlink_of != new.hardlink_of
+        or old.uid != new.uid
+        or old.gid != new.gid
+        or old.rdev != new.rdev
+    )
+
+
+def _count(counts: Counts, old: Entry | None, new: Entry) -> None:
+    if old is None or old.type != new.type:
+        counts.added += old is None
+        counts.changed += old is not None
+        return
+    if not _differs(old, new):
+        return
+    counts.changed += 1
+    same_content = old.content_id == new.content_id and old.target == new.target
+    counts.metadata_only += same_content and old.hardlink_of == new.hardlink_of
+
+
+def tombstones_between(previous: Manifest | None, entries: list[Entry]) -> list[str]:
+    if previous is None:
+        return []
+    present = {entry.path for entry in entries}
+    return sorted(
+        (entry.path for entry in previous.entries if entry.path not in present),
+        key=os.fsencode,
+    )
+
+
+def write_tombstones(builder: LayerBuilder, tombstones: list[str]) -> None:
+    if not tombstones:
+        return
+    data = b"\0".join(os.fsencode(path) for path in tombstones)
+    info = tarfile.TarInfo(f"{RESERVED_PREFIX}/tombstones")
+    info.size, info.mode = len(data), 0o600
+    builder.writer.add_member(info, [data])
+
+
+def _commit(
+    store, head, token, visit, message, layer_name, entries, scan_started,
+    builder, counts, deleted,
+) -> VisitRecord:
+    manifest = Manifest(visit, entries, scan_started, info={"message": message})
+    manifest_name = store.new_object_name("manifests", visit, ".json.zst")
+    manifest_bytes = store.put_compressed(manifest_name, manifest_module.encode(manifest))
+    contents_name = store.new_object_name("contents", visit, ".json.zst")
+    contents_bytes = store.put_compressed(contents_name, contents_json(builder))
+    record = VisitRecord(
+        visit=visit,
+        time_ns=time.time_ns(),
+        message=message,
+        layer=layer_name,
+        manifest=manifest_name,
+        contents=contents_name,
+        kind="base" if builder.is_base else "delta",
+        tree_digest=manifest.tree_digest(),
+        entries=len(entries),
+        tree_bytes=sum(e.size for e in entries if e.type == FILE),
+        added=counts.added,
+        changed=counts.changed,
+        deleted=deleted,
+        metadata_only=counts.metadata_only,
+        layer_bytes=store.backend.size(layer_name),
+        manifest_bytes=manifest_bytes + contents_bytes,
+        stored=builder.tally.as_dict() | {"problems": len(counts.problems)},
+    )
+    head.visits.append(record)
+    head.next_visit = visit + 1
+    store.commit_head(head, token)
+    return record
+
+
+def contents_json(builder: LayerBuilder) -> bytes:
+    contents = {
+        content_id: [stored.size, stored.recipe, stored.block_ids]
+        for content_id, stored in builder.tally.stored_contents.items()
+    }
+    return json.dumps(contents, separators=(",", ":")).encode()

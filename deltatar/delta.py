@@ -1,0 +1,381 @@
+"""Write the content of one visit into its layer, storing only what is new.
+
+The :class:`LayerBuilder` decides, file by file, the cheapest way to make the
+bytes available again:
+
+1. content whose id the store already holds costs nothing (dedup covers
+   renames, copies, and files deleted and re-created);
+2. a file that grew and whose old bytes are an unchanged prefix stores only
+   the tail (checked by hashing the prefix, never by trusting sizes);
+3. an edited file stores a zstd patch-from delta against its previous version
+   when that is clearly smaller than the compressed file, as long as the
+   chain of patches stays within ``max_patch_depth``;
+4. files larger than ``block_mode_size`` are cut into fixed blocks; only
+   blocks whose id is new are stored, and all-zero blocks are holes.  This
+   keeps memory bounded for multi-gigabyte files (see docs/format.md).
+
+A base layer is written so that ``tar -x`` yields the whole tree: every entry
+gets a member at its own path with all of its bytes.  A delta layer holds
+members only for what changed; tails, patches and blocks go under the
+reserved ``.deltatar/`` prefix.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyzstd
+import xxhash
+
+from .content import PATCH, RAW, ZERO, content_id, make_patch, patch_depth
+from .content import ContentSource
+from .layer import LayerWriter
+from .manifest import (
+    BLOCK_DEVICE,
+    CHAR_DEVICE,
+    DIRECTORY,
+    FIFO,
+    FILE,
+    SYMLINK,
+    Entry,
+    Recipe,
+)
+
+logger = logging.getLogger(__name__)
+
+RESERVED_PREFIX = ".deltatar"
+SAMPLE_SIZE = 64 * 1024
+MIN_PATCH_SIZE = 4096
+MAX_PIECES = 64
+
+
+@dataclass(slots=True)
+class Settings:
+    """Per-store tuning of how content is encoded (kept in the store config)."""
+
+    level: int = 3
+    threads: int = 0
+    block_mode_size: int = 32 * 1024 * 1024
+    block_size: int = 4 * 1024 * 1024
+    max_patch_depth: int = 4
+
+    def thread_count(self) -> int:
+        return self.threads or os.cpu_count() or 1
+
+
+@dataclass(slots=True)
+class StoredContent:
+    """A content the store can rebuild, as kept in the content index."""
+
+    size: int
+    recipe: Recipe
+    block_ids: list[str] | None = None
+
+
+@dataclass(slots=True)
+class Tally:
+    """How many bytes this layer stored, and how it saved the rest."""
+
+    full_bytes: int = 0
+    tail_bytes: int = 0
+    patch_bytes: int = 0
+    block_bytes: int = 0
+    deduplicated_bytes: int = 0
+    stored_contents: dict[str, StoredContent] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, int]:
+        new_bytes = self.full_bytes + self.tail_bytes + self.patch_bytes
+        return {
+            "new_bytes": new_bytes + self.block_bytes,
+            "full_bytes": self.full_bytes,
+            "tail_bytes": self.tail_bytes,
+            "patch_source_bytes": self.patch_bytes,
+            "block_bytes": self.block_bytes,
+            "deduplicated_bytes": self.deduplicated_bytes,
+        }
+
+
+class LayerBuilder:
+    """Encode the entries of one visit into one layer."""
+
+    def __init__(
+        self,
+        writer: LayerWriter,
+        layer_name: str,
+        is_base: bool,
+        index: dict[str, StoredContent],
+        source: ContentSource,
+        settings: Settings,
+    ) -> None:
+        self.writer = writer
+        self.layer_name = layer_name
+        self.is_base = is_base
+        self.index = index
+        self.source = source
+        self.settings = settings
+        self.tally = Tally()
+
+    # -- entries without content -------------------------------------------
+
+    def add_metadata_member(self, entry: Entry) -> None:
+        """Record a directory, link, pipe or device as a tar member."""
+        self.writer.add_member(tar_info(entry))
+
+    def add_hardlink_member(self, entry: Entry) -> None:
+        if self.is_base:
+            self.writer.add_member(tar_info(entry))
+
+    # -- whole files held in memory ----------------------------------------
+
+    def store_small(self, entry: Entry, data: bytes, previous: Entry | None) -> None:
+        """Fill in ``entry``'s content id and recipe for ``data``."""
+        entry.content_id = content_id(data)
+        entry.block_ids = None
+        known = self.index.get(entry.content_id)
+        if self.is_base:
+            entry.recipe = self._store_full(entry, data)
+        elif known is not None:
+            entry.recipe = known.recipe
+            self.tally.deduplicated_bytes += len(data)
+        else:
+            entry.recipe = (
+                self._try_tail(entry, data, previous)
+                or self._try_patch(entry, data, previous)
+                or self._store_full(entry, data)
+            )
+        self._remember(entry)
+
+    def _store_full(self, entry: Entry, data: bytes) -> Recipe:
+        info = tar_info(entry, size=len(data))
+        offset = self.writer.add_member(info, [data], _compressible(data))
+        self.tally.full_bytes += len(data)
+        return [[RAW, self.layer_name, offset, len(data)]] if data else []
+
+    def _try_tail(self, entry: Entry, data: bytes, previous: Entry | None) -> Recipe | None:
+        if previous is None or previous.recipe is None or previous.block_ids:
+            return None
+        old_size = previous.size
+        if not 0 < old_size < len(data) or len(previous.recipe) >= MAX_PIECES:
+            return None
+        if content_id(data[:old_size]) != previous.content_id:
+            return None
+        tail = data[old_size:]
+        name = f"{RESERVED_PREFIX}/tail/{entry.content_id}"
+        offset = self.writer.add_member(_blob_info(name, len(tail)), [tail])
+        self.tally.tail_bytes += len(tail)
+        logger.debug("%s: stored a %d byte tail", entry.path, len(tail))
+        return previous.recipe + [[RAW, self.layer_name, offset, len(tail)]]
+
+    def _try_patch(self, entry: Entry, data: bytes, previous: Entry | None) -> Recipe | None:
+        if previous is None or previous.recipe is None or previous.block_ids:
+            return None
+        if len(data) < MIN_PATCH_SIZE or previous.size < MIN_PATCH_SIZE:
+            return None
+        if patch_depth(previous.recipe) >= self.settings.max_patch_depth:
+            return None
+        reference = self.source.read_verified(
+            previous.recipe, previous.content_id, previous.path
+        )
+        patch = make_patch(data, reference, self.settings.level)
+        if len(patch) >= 0.8 * _compressed_estimate(data, self.settings.level):
+            return None
+        name = f"{RESERVED_PREFIX}/patch/{entry.content_id}"
+        offset = self.writer.add_member(_blob_info(name, len(patch)), [patch], False)
+        self.tally.patch_bytes += len(data)
+        logger.debug("%s: stored a %d byte patch", entry.path, len(patch))
+        return [[PATCH, self.layer_name, offset, len(patch), len(data), previous.recipe]]
+
+    # -- large files, block by block ---------------------------------------
+
+    def store_blocks(
+        self, entry: Entry, blocks: Iterator[bytes | int], previous: Entry | None
+    ) -> None:
+        """Store a large file given as blocks (bytes) and holes (int lengths)."""
+        known_blocks = _blocks_of(previous)
+        whole = xxhash.xxh3_128()
+        recipe: Recipe = []
+        block_ids: list[str] = []
+        member_offset = self._open_block_member(entry)
+        for block in blocks:
+            piece, block_id = self._store_block(block, known_blocks, whole, member_offset)
+            recipe.append(piece)
+            block_ids.append(block_id)
+            if member_offset is not None:
+                member_offset += _block_length(block)
+        self._close_block_member(entry)
+        entry.content_id = whole.hexdigest()
+        entry.recipe, entry.block_ids = recipe, block_ids
+        self._remember(entry)
+
+    def _open_block_member(self, entry: Entry) -> int | None:
+        if not self.is_base:
+            return None
+        self._member = _StreamingMember(self.writer, tar_info(entry))
+        return self._member.data_offset
+
+    def _close_block_member(self, entry: Entry) -> None:
+        if self.is_base:
+            self._member.close(entry.size)
+
+    def _store_block(
+        self,
+        block: bytes | int,
+        known_blocks: dict[str, list[Any]],
+        whole: Any,
+        member_offset: int | None,
+    ) -> tuple[list[Any], str]:
+        length = _block_length(block)
+        if _is_hole(block):
+            _update_with_zeros(whole, length)
+            if member_offset is not None:
+                self._member.write_zeros(length)
+            return [ZERO, length], "zero"
+        whole.update(block)
+        block_id = xxhash.xxh3_128_hexdigest(block)
+        if member_offset is not None:
+            self._member.write(block)
+            self.tally.block_bytes += length
+            return [RAW, self.layer_name, member_offset, length], block_id
+        reused = known_blocks.get(block_id) or self._index_block(block_id)
+        if reused is not None:
+            self.tally.deduplicated_bytes += length
+            return reused, block_id
+        name = f"{RESERVED_PREFIX}/block/{block_id}"
+        offset = self.writer.add_member(_blob_info(name, length), [block], _compressible(block))
+        self.tally.block_bytes += length
+        piece = [RAW, self.layer_name, offset, length]
+        if block_id not in self.index:
+            stored = StoredContent(length, [piece])
+            self.index[block_id] = self.tally.stored_contents[block_id] = stored
+        return piece, block_id
+
+    def _index_block(self, block_id: str) -> list[Any] | None:
+        known = self.index.get(block_id)
+        if known is None or len(known.recipe) != 1:
+            return None
+        return known.recipe[0]
+
+    def _remember(self, entry: Entry) -> None:
+        assert entry.content_id is not None and entry.recipe is not None
+        if entry.content_id not in self.index:
+            stored = StoredContent(entry.size, entry.recipe, entry.block_ids)
+            self.index[entry.content_id] = stored
+            self.tally.stored_contents[entry.content_id] = stored
+
+
+class _StreamingMember:
+    """A base-layer tar member whose data arrives block by block."""
+
+    def __init__(self, writer: LayerWriter, info: tarfile.TarInfo) -> None:
+        self.writer = writer
+        self.info = info
+        self.data_offset = writer.begin_member(info)
+        self.written = 0
+
+    def write(self, data: bytes) -> None:
+        self.writer.write_data(data)
+        self.written += len(data)
+
+    def write_zeros(self, length: int) -> None:
+        chunk = bytes(min(length, 1 << 20))
+        remaining = length
+        while remaining:
+            part = chunk[: min(remaining, len(chunk))]
+            self.write(part)
+            remaining -= len(part)
+
+    def close(self, size: int) -> None:
+        if self.written != size:
+            raise ValueError(f"{self.info.name}: wrote {self.written} of {size} bytes")
+        self.writer.end_member(size)
+
+
+def tar_info(entry: Entry, size: int | None = None) -> tarfile.TarInfo:
+    """A pax tar header that GNU tar extracts to exactly this entry."""
+    info = tarfile.TarInfo(entry.path + ("/" if entry.type == DIRECTORY else ""))
+    info.mode = entry.mode & 0o7777
+    seconds, nanoseconds = divmod(entry.mtime_ns, 1_000_000_000)
+    info.mtime = seconds
+    info.pax_headers = {"mtime": f"{seconds}.{nanoseconds:09d}"}
+    info.uid = entry.uid or 0
+    info.gid = entry.gid or 0
+    info.uname = info.gname = ""
+    info.type = _TAR_TYPES[entry.type]
+    if entry.type == FILE and entry.hardlink_of is not None:
+        info.type = tarfile.LNKTYPE
+        info.linkname = entry.hardlink_of
+    elif entry.type == FILE:
+        info.size = entry.size if size is None else size
+    elif entry.type == SYMLINK:
+        info.linkname = entry.target or ""
+    elif entry.type in (CHAR_DEVICE, BLOCK_DEVICE):
+        info.devmajor = os.major(entry.rdev or 0)
+        info.devminor = os.minor(entry.rdev or 0)
+    return info
+
+
+_TAR_TYPES = {
+    FILE: tarfile.REGTYPE,
+    DIRECTORY: tarfile.DIRTYPE,
+    SYMLINK: tarfile.SYMTYPE,
+    FIFO: tarfile.FIFOTYPE,
+    CHAR_DEVICE: tarfile.CHRTYPE,
+    BLOCK_DEVICE: tarfile.BLKTYPE,
+}
+
+
+def _blob_info(name: str, size: int) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.size = size
+    info.mode = 0o600
+    return info
+
+
+def _blocks_of(previous: Entry | None) -> dict[str, list[Any]]:
+    if previous is None or not previous.block_ids or previous.recipe is None:
+        return {}
+    return {
+        block_id: piece
+        for block_id, piece in zip(previous.block_ids, previous.recipe, strict=False)
+        if block_id != "zero"
+    }
+
+
+def _block_length(block: bytes | int) -> int:
+    return block if isinstance(block, int) else len(block)
+
+
+def _is_hole(block: bytes | int) -> bool:
+    """Holes come as ints from the reader; all-zero blocks count as holes too."""
+    if isinstance(block, int):
+        return True
+    return not any(block[:64]) and block.count(0) == len(block)
+
+
+_ZERO_CHUNK = bytes(1 << 20)
+
+
+def _update_with_zeros(digest: Any, length: int) -> None:
+    while length:
+        part = min(length, len(_ZERO_CHUNK))
+        digest.update(_ZERO_CHUNK[:part] if part < len(_ZERO_CHUNK) else _ZERO_CHUNK)
+        length -= part
+
+
+def _compressible(data: bytes) -> bool:
+    """Cheap test: does a fast zstd pass shrink a sample noticeably?"""
+    if len(data) < 4096:
+        return True
+    sample = data[:SAMPLE_SIZE]
+    return len(pyzstd.compress(sample, 1)) < 0.9 * len(sample)
+
+
+def _compressed_estimate(data: bytes, level: int) -> int:
+    if not _compressible(data):
+        return len(data)
+    return len(pyzstd.compress(data, level))

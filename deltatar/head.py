@@ -1,0 +1,172 @@
+"""The head: the store's table of contents, replaced atomically as a whole.
+
+The head lists every visit that exists, with the objects that hold it and the
+figures ``log`` shows.  A visit becomes visible only when a new head naming
+it has been written; everything it names was made durable before that, so a
+crash at any moment leaves either the old head or the new one, both whole.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .errors import CorruptStore, UnsupportedFormat, VisitNotFound
+
+HEAD_VERSION = 1
+
+
+@dataclass(slots=True)
+class VisitRecord:
+    """One visit as the head lists it."""
+
+    visit: int
+    time_ns: int
+    message: str
+    layer: str
+    manifest: str
+    contents: str
+    kind: str
+    tree_digest: str
+    entries: int = 0
+    tree_bytes: int = 0
+    added: int = 0
+    changed: int = 0
+    deleted: int = 0
+    metadata_only: int = 0
+    layer_bytes: int = 0
+    manifest_bytes: int = 0
+    stored: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def bytes_stored(self) -> int:
+        return self.layer_bytes + self.manifest_bytes
+
+    def objects(self) -> list[str]:
+        return [self.layer, self.manifest, self.contents]
+
+
+@dataclass(slots=True)
+class Head:
+    """The decoded head; ``generation`` grows by one with every commit."""
+
+    generation: int = 0
+    next_visit: int = 1
+    visits: list[VisitRecord] = field(default_factory=list)
+    garbage: list[str] = field(default_factory=list)
+
+    def latest(self) -> VisitRecord | None:
+        return self.visits[-1] if self.visits else None
+
+    def referenced_objects(self) -> set[str]:
+        names: set[str] = set()
+        for record in self.visits:
+            names.update(record.objects())
+        return names
+
+    def find(self, visit: int, location: str) -> VisitRecord:
+        for record in self.visits:
+            if record.visit == visit:
+                return record
+        raise VisitNotFound(self._missing_message(visit, location))
+
+    def resolve(self, spec: str | int | None, location: str) -> VisitRecord:
+        """Find a visit by number, negative offset (-1 = latest) or message."""
+        if not self.visits:
+            raise VisitNotFound(f"{location}: the store has no visits yet")
+        if spec is None:
+            return self.visits[-1]
+        number = _as_int(spec)
+        if number is not None and number < 0:
+            if -number > len(self.visits):
+                raise VisitNotFound(
+                    f"{location}: visit {number} reaches before the oldest kept "
+                    f"visit; kept visits: {self.kept_ranges()}"
+                )
+            return self.visits[number]
+        if number is not None:
+            return self.find(number, location)
+        return self._by_message(str(spec), location)
+
+    def kept_ranges(self) -> str:
+        return format_ranges([record.visit for record in self.visits])
+
+    def _by_message(self, message: str, location: str) -> VisitRecord:
+        matches = [record for record in self.visits if record.message == message]
+        if len(matches) == 1:
+            return matches[0]
+        if matches:
+            numbers = format_ranges([record.visit for record in matches])
+            raise VisitNotFound(
+                f"{location}: message {message!r} names visits {numbers}; "
+                "give a visit number"
+            )
+        raise VisitNotFound(f"{location}: no visit has the message {message!r}")
+
+    def _missing_message(self, visit: int, location: str) -> str:
+        kept = self.kept_ranges() or "none"
+        if 1 <= visit < self.next_visit:
+            return (
+                f"{location}: visit {visit} was compacted away; kept visits: {kept}"
+            )
+        return f"{location}: there is no visit {visit}; kept visits: {kept}"
+
+
+def format_ranges(numbers: list[int]) -> str:
+    """``[1, 2, 3, 7]`` becomes ``"1-3, 7"``."""
+    ranges: list[str] = []
+    start = previous = None
+    for number in sorted(numbers):
+        if previous is not None and number == previous + 1:
+            previous = number
+            continue
+        if start is not None:
+            ranges.append(_range_text(start, previous))
+        start = previous = number
+    if start is not None:
+        ranges.append(_range_text(start, previous))
+    return ", ".join(ranges)
+
+
+def _range_text(start: int, end: int | None) -> str:
+    return str(start) if start == end else f"{start}-{end}"
+
+
+def _as_int(spec: str | int) -> int | None:
+    if isinstance(spec, int):
+        return spec
+    try:
+        return int(spec)
+    except ValueError:
+        return None
+
+
+def encode(head: Head) -> bytes:
+    document: dict[str, Any] = {"format": "deltatar-head", "version": HEAD_VERSION}
+    document.update(asdict(head))
+    return json.dumps(document, indent=1).encode()
+
+
+def decode(data: bytes, location: str) -> Head:
+    try:
+        document = json.loads(data)
+    except (ValueError, UnicodeDecodeError):
+        raise CorruptStore(f"{location}: HEAD does not parse") from None
+    if not isinstance(document, dict) or document.get("format") != "deltatar-head":
+        raise CorruptStore(f"{location}: HEAD is not a deltatar head")
+    version = document.get("version")
+    if not isinstance(version, int) or version > HEAD_VERSION:
+        raise UnsupportedFormat(
+            f"{location}: head format version {version} is newer than the "
+            f"{HEAD_VERSION} this deltatar reads; upgrade deltatar"
+        )
+    try:
+        return Head(
+            generation=int(document["generation"]),
+            next_visit=int(document["next_visit"]),
+            visits=[VisitRecord(**item) for item in document["visits"]],
+            garbage=[str(name) for name in document.get("garbage", [])],
+        )
+    except (KeyError, TypeError, ValueError) as error:
+        raise CorruptStore(f"{location}: HEAD is malformed ({error!r})") from None

@@ -1,0 +1,250 @@
+"""Rebuild the exact tree of one visit from its manifest.
+
+Materializing reads the visit's manifest and then only the byte ranges its
+recipes name, so the cost follows the size of the visit, not its position in
+the chain.  A manifest is treated as untrusted input: every path is checked
+before anything is written, parents must be directories the manifest itself
+creates, and symlinks are made last, so no entry can write outside DEST or
+through a link.  Every file is checked against its content id as it is
+written.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import stat
+from collections.abc import Callable
+from pathlib import Path
+
+import xxhash
+
+from .content import ContentSource, validate
+from .errors import CorruptStore, UsageError
+from .head import VisitRecord
+from .manifest import (
+    BLOCK_DEVICE,
+    CHAR_DEVICE,
+    DIRECTORY,
+    FIFO,
+    FILE,
+    SYMLINK,
+    Entry,
+    Manifest,
+)
+
+logger = logging.getLogger(__name__)
+
+MAX_FILE_SIZE = 1 << 50
+Progress = Callable[[int, int], None]
+
+
+def materialize_visit(
+    store,
+    visit: int | str | None,
+    dest: Path,
+    force: bool = False,
+    devices: bool = False,
+    paths: list[str] | None = None,
+    progress: Progress | None = None,
+) -> VisitRecord:
+    """Write the tree of ``visit`` into ``dest`` (see :meth:`Store.materialize`)."""
+    with store.backend.reader_guard():
+        head = store.read_head()
+        record = head.resolve(visit, store.location)
+        manifest = store.load_manifest(record)
+        entries = _select(manifest, paths, record)
+        check_entries(entries, record, devices)
+        _prepare_destination(dest, force, store)
+        _write_tree(store, dest, entries, record, progress)
+    logger.info("visit %d materialized into %s", record.visit, dest)
+    return record
+
+
+def check_entries(entries: list[Entry], record: VisitRecord, devices: bool) -> None:
+    """Refuse a manifest that names unsafe paths, types or sizes."""
+    where = f"visit {record.visit}"
+    kinds = {entry.path: entry.type for entry in entries}
+    if len(kinds) != len(entries):
+        raise CorruptStore(f"{where}: manifest lists a path twice")
+    for entry in entries:
+        _check_path(entry.path, where)
+        parent = entry.path.rpartition("/")[0]
+        if parent and kinds.get(parent) != DIRECTORY:
+            raise CorruptStore(
+                f"{where}: {entry.path!r} has no directory {parent!r} above it"
+            )
+        _check_entry(entry, kinds, where, devices)
+
+
+def _check_path(path: str, where: str) -> None:
+    parts = path.split("/")
+    if (
+        not path
+        or path.startswith("/")
+        or "\0" in path
+        or any(part in ("", ".", "..") for part in parts)
+    ):
+        raise CorruptStore(f"{where}: unsafe path {path!r} in the manifest")
+
+
+def _check_entry(entry: Entry, kinds: dict[str, str], where: str, devices: bool) -> None:
+    if entry.type in (CHAR_DEVICE, BLOCK_DEVICE) and not (devices and os.geteuid() == 0):
+        raise CorruptStore(
+            f"{where}: {entry.path!r} is a device node; only root with --devices "
+            "may recreate devices"
+        )
+    if entry.type != FILE:
+        return
+    if not 0 <= entry.size <= MAX_FILE_SIZE:
+        raise CorruptStore(f"{where}: {entry.path!r} has an impossible size")
+    if entry.hardlink_of is not None:
+        if kinds.get(entry.hardlink_of) != FILE:
+            raise CorruptStore(f"{where}: {entry.path!r} links to a missing file")
+        return
+    validate(entry.recipe, entry.size, f"{where}: {entry.path!r}")
+
+
+def _select(manifest: Manifest, paths: list[str] | None, record: VisitRecord) -> list[Entry]:
+    if not paths:
+        return manifest.entries
+    wanted = [path.strip("/") for path in paths]
+    by_path = manifest.by_path()
+    for path in wanted:
+        if path not in by_path:
+            raise UsageError(f"{path}: not in visit {record.visit}")
+    chosen = {
+        entry.path
+        for entry in manifest.entries
+        if any(entry.path == w or entry.path.startswith(w + "/") for w in wanted)
+    }
+    for path in list(chosen):
+        while "/" in path:
+            path = path.rpartition("/")[0]
+            chosen.add(path)
+    for path in list(chosen):
+        leader = by_path[path].hardlink_of
+        if leader is not None:
+            chosen.add(leader)
+    return [entry for entry in manifest.entries if entry.path in chosen]
+
+
+def _prepare_destination(dest: Path, force: bool, store) -> None:
+    store_path = Path(store.location).resolve()
+    resolved = dest.resolve()
+    if resolved == store_path or store_path in resolved.parents:
+        raise UsageError(f"{dest}: destination lies inside the store {store.location}")
+    if dest.is_symlink() or (dest.exists() and not dest.is_dir()):
+        raise UsageError(f"{dest}: destination exists and is not a directory")
+    if not dest.exists():
+        dest.mkdir(parents=True)
+        return
+    if any(dest.iterdir()):
+        if not force:
+            raise UsageError(
+                f"{dest}: destination is not empty; use --force to replace its contents"
+            )
+        _empty_directory(dest)
+
+
+def _empty_directory(dest: Path) -> None:
+    for child in dest.iterdir():
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
+
+
+def _write_tree(
+    store, dest: Path, entries: list[Entry], record: VisitRecord, progress: Progress | None
+) -> None:
+    source = ContentSource(store.backend)
+    directories = [entry for entry in entries if entry.type == DIRECTORY]
+    for entry in directories:
+        os.mkdir(dest / entry.path, 0o700)
+    files = [e for e in entries if e.type == FILE and e.hardlink_of is None]
+    files.sort(key=_read_order)
+    for number, entry in enumerate(files, 1):
+        _write_file(source, dest, entry, record)
+        if progress is not None:
+            progress(number, len(files))
+    for entry in entries:
+        _write_other(dest, entry)
+    for entry in reversed(directories):
+        _apply_metadata(dest / entry.path, entry)
+
+
+def _read_order(entry: Entry) -> tuple[str, int]:
+    """Files in the order their bytes lie in the layers, to reuse frames."""
+    for piece in entry.recipe or []:
+        if piece[0] in ("raw", "patch"):
+            return piece[1], piece[2]
+    return "", 0
+
+
+def _write_file(source: ContentSource, dest: Path, entry: Entry, record: VisitRecord) -> None:
+    path = dest / entry.path
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+    fd = os.open(path, flags, 0o600)
+    digest = xxhash.xxh3_128()
+    try:
+        for part in source.iter_pieces(entry.recipe or []):
+            if isinstance(part, int):
+                os.lseek(fd, part, os.SEEK_CUR)
+                _update_zeros(digest, part)
+            else:
+                digest.update(part)
+                _write_all(fd, part)
+        os.ftruncate(fd, entry.size)
+    finally:
+        os.close(fd)
+    if digest.hexdigest() != entry.content_id:
+        path.unlink()
+        raise CorruptStore(
+            f"visit {record.visit}: {entry.path!r} does not match its content id; "
+            "the store is damaged (run 'deltatar verify')"
+        )
+    _apply_metadata(path, entry)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+_ZEROS = bytes(1 << 20)
+
+
+def _update_zeros(digest, length: int) -> None:
+    while length:
+        part = min(length, len(_ZEROS))
+        digest.update(memoryview(_ZEROS)[:part])
+        length -= part
+
+
+def _write_other(dest: Path, entry: Entry) -> None:
+    path = dest / entry.path
+    if entry.type == FILE and entry.hardlink_of is not None:
+        os.link(dest / entry.hardlink_of, path, follow_symlinks=False)
+    elif entry.type == FIFO:
+        os.mkfifo(path, 0o600)
+        _apply_metadata(path, entry)
+    elif entry.type in (CHAR_DEVICE, BLOCK_DEVICE):
+        kind = stat.S_IFCHR if entry.type == CHAR_DEVICE else stat.S_IFBLK
+        os.mknod(path, kind | 0o600, entry.rdev or 0)
+        _apply_metadata(path, entry)
+    elif entry.type == SYMLINK:
+        os.symlink(entry.target or "", path)
+        _apply_metadata(path, entry)
+
+
+def _apply_metadata(path: Path, entry: Entry) -> None:
+    is_link = entry.type == SYMLINK
+    if entry.uid is not None and entry.gid is not None and os.geteuid() == 0:
+        os.chown(path, entry.uid, entry.gid, follow_symlinks=False)
+    if not is_link:
+        os.chmod(path, entry.mode)
+    os.utime(path, ns=(entry.mtime_ns, entry.mtime_ns), follow_symlinks=False)

@@ -1,0 +1,195 @@
+"""Walk a source tree and tell which entries need their content read.
+
+The walk never follows symlinks (a link is recorded as its target string), never
+opens special files (a named pipe would block a reader), and never descends into
+the store being written or into any other deltatar store it finds.  Problems
+with single paths are collected and reported together, the way ``copytree``
+collects its errors, instead of aborting the whole visit.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pathspec
+
+from .errors import SourceError
+from .manifest import (
+    BLOCK_DEVICE,
+    CHAR_DEVICE,
+    DIRECTORY,
+    FIFO,
+    FILE,
+    SYMLINK,
+    Entry,
+)
+
+logger = logging.getLogger(__name__)
+
+IGNORE_FILE = ".deltatarignore"
+STORE_MARKER = "deltatar-store.json"
+# Timestamps within this many nanoseconds of the previous scan's start may hide
+# a same-size edit made in the same clock tick, so such files are re-read.
+RACY_WINDOW_NS = 2_000_000_000
+
+
+@dataclass(slots=True)
+class Found:
+    """One path seen by the walk, with the lstat taken then."""
+
+    path: str
+    type: str
+    stat: os.stat_result
+    target: str | None = None
+
+
+@dataclass(slots=True)
+class ScanResult:
+    found: list[Found] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    skipped_stores: list[str] = field(default_factory=list)
+
+
+def exclusion_spec(src: Path, patterns: list[str]) -> pathspec.PathSpec:
+    """Combine ``--exclude`` patterns with the source's ``.deltatarignore``."""
+    lines = list(patterns)
+    ignore_file = src / IGNORE_FILE
+    if ignore_file.is_file():
+        lines += ignore_file.read_text(errors="surrogateescape").splitlines()
+    return pathspec.GitIgnoreSpec.from_lines(lines)
+
+
+def scan(
+    src: Path,
+    own_store: Path | None,
+    excluded: pathspec.PathSpec,
+    strict: bool = False,
+) -> ScanResult:
+    """Walk ``src`` and return every entry to record, sorted by path bytes."""
+    result = ScanResult()
+    own_identity = _identity(own_store)
+    stack = [""]
+    while stack:
+        relative_dir = stack.pop()
+        for found in _list_directory(src, relative_dir, result, strict):
+            if excluded.match_file(_pattern_path(found)):
+                continue
+            if found.type == DIRECTORY and _is_store(src, found, own_identity, result):
+                continue
+            result.found.append(found)
+            if found.type == DIRECTORY:
+                stack.append(found.path)
+    result.found.sort(key=lambda item: os.fsencode(item.path))
+    return result
+
+
+def is_racy(entry: Entry, previous_scan_ns: int) -> bool:
+    """True when an unchanged stat may still hide an edit (git's racy case)."""
+    newest = max(entry.mtime_ns, entry.ctime_ns or 0)
+    return newest >= previous_scan_ns - RACY_WINDOW_NS
+
+
+def stat_matches(entry: Entry, found: Found) -> bool:
+    """True when the stat data says the file has not changed since ``entry``."""
+    info = found.stat
+    return (
+        entry.type == FILE
+        and entry.size == info.st_size
+        and entry.mtime_ns == info.st_mtime_ns
+        and entry.ctime_ns == info.st_ctime_ns
+        and entry.inode == info.st_ino
+    )
+
+
+def _list_directory(
+    src: Path, relative_dir: str, result: ScanResult, strict: bool
+) -> list[Found]:
+    directory = src / relative_dir if relative_dir else src
+    try:
+        with os.scandir(directory) as children:
+            listing = sorted(children, key=lambda child: os.fsencode(child.name))
+    except OSError as error:
+        _problem(result, strict, f"{directory}: cannot list ({error.strerror})")
+        return []
+    found = []
+    for child in listing:
+        relative = f"{relative_dir}/{child.name}" if relative_dir else child.name
+        item = _examine(child, relative, result, strict)
+        if item is not None:
+            found.append(item)
+    return found
+
+
+def _examine(
+    child: os.DirEntry, relative: str, result: ScanResult, strict: bool
+) -> Found | None:
+    try:
+        info = child.stat(follow_symlinks=False)
+    except FileNotFoundError:
+        logger.info("%s vanished during the walk", child.path)
+        return None
+    except OSError as error:
+        _problem(result, strict, f"{child.path}: cannot stat ({error.strerror})")
+        return None
+    kind = _kind(info.st_mode)
+    if kind is None:
+        _problem(result, False, f"{child.path}: socket skipped")
+        return None
+    target = None
+    if kind == SYMLINK:
+        try:
+            target = os.readlink(child.path)
+        except OSError as error:
+            _problem(result, strict, f"{child.path}: cannot read link ({error.strerror})")
+            return None
+    return Found(relative, kind, info, target)
+
+
+def _kind(mode: int) -> str | None:
+    kinds = {
+        stat.S_IFREG: FILE,
+        stat.S_IFDIR: DIRECTORY,
+        stat.S_IFLNK: SYMLINK,
+        stat.S_IFIFO: FIFO,
+        stat.S_IFCHR: CHAR_DEVICE,
+        stat.S_IFBLK: BLOCK_DEVICE,
+    }
+    return kinds.get(stat.S_IFMT(mode))
+
+
+def _pattern_path(found: Found) -> str:
+    return found.path + "/" if found.type == DIRECTORY else found.path
+
+
+def _identity(path: Path | None) -> tuple[int, int] | None:
+    if path is None:
+        return None
+    try:
+        info = path.stat()
+    except OSError:
+        return None
+    return info.st_dev, info.st_ino
+
+
+def _is_store(
+    src: Path, found: Found, own_identity: tuple[int, int] | None, result: ScanResult
+) -> bool:
+    if (found.stat.st_dev, found.stat.st_ino) == own_identity:
+        logger.debug("%s is the store itself; not recorded", found.path)
+        return True
+    if (src / found.path / STORE_MARKER).is_file():
+        logger.warning("%s: another deltatar store; not recorded", src / found.path)
+        result.skipped_stores.append(found.path)
+        return True
+    return False
+
+
+def _problem(result: ScanResult, strict: bool, message: str) -> None:
+    if strict:
+        raise SourceError(f"{message}; --strict makes this fatal")
+    logger.warning("%s", message)
+    result.problems.append(message)

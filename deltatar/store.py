@@ -1,0 +1,285 @@
+"""The store: its layout, its head, and the verbs users call.
+
+A store is a directory (or, through another backend, a bucket prefix) that
+holds an immutable store header, a config, the head, and immutable objects
+under ``layers/``, ``manifests/`` and ``contents/``.  See docs/format.md.
+
+:class:`Store` is the public Python API; the command line is a thin layer on
+it::
+
+    from deltatar import Store
+
+    store = Store.open_or_create("run/.deltatar")
+    record = store.append("run", message="after verify")
+    store.materialize(record.visit, "/tmp/visit")
+    store.compact(keep_last=10)
+    for record in store.visits():
+        print(record.visit, record.message, record.bytes_stored)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import secrets
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, fields
+from pathlib import Path
+from typing import Any
+
+import pyzstd
+
+from . import head as head_module
+from . import manifest as manifest_module
+from .backend import Backend, LocalBackend
+from .content import ContentSource
+from .delta import Settings, StoredContent
+from .errors import CorruptStore, StoreNotFound, UnsupportedFormat, UsageError
+from .head import Head, VisitRecord
+from .manifest import Manifest
+
+logger = logging.getLogger(__name__)
+
+STORE_VERSION = 1
+HEADER_NAME = "deltatar-store.json"
+CONFIG_NAME = "config.json"
+LOCK_TIMEOUT = 60.0
+OBJECT_DIRS = ("layers", "manifests", "contents")
+
+
+class Store:
+    """A deltatar store; open it with :meth:`open` or :meth:`open_or_create`."""
+
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
+        self.location = backend.location
+        self.lock_timeout = LOCK_TIMEOUT
+
+    # -- opening -------------------------------------------------------------
+
+    @classmethod
+    def open(cls, location: str | os.PathLike[str]) -> Store:
+        """Open an existing store; :class:`StoreNotFound` if there is none."""
+        store = cls(_backend_for(location))
+        store._check_header()
+        return store
+
+    @classmethod
+    def open_or_create(cls, location: str | os.PathLike[str]) -> Store:
+        """Open a store, creating an empty one when the location has none."""
+        path = Path(location)
+        if path.exists() and not path.is_dir():
+            raise UsageError(f"{path}: exists and is not a directory, so not a store")
+        if not (path / HEADER_NAME).exists():
+            leftovers = _foreign_names(path)
+            if leftovers:
+                raise UsageError(
+                    f"{path}: is a non-empty directory without a deltatar store; "
+                    "choose an empty or new directory for --store"
+                )
+            _create_local(path)
+        return cls.open(path)
+
+    def _check_header(self) -> None:
+        try:
+            data = self.backend.read(HEADER_NAME)
+        except CorruptStore:
+            raise StoreNotFound(
+                f"{self.location}: not a deltatar store (no {HEADER_NAME}); "
+                "'deltatar append' creates one"
+            ) from None
+        try:
+            header = json.loads(data)
+            version = int(header["version"])
+            assert header["format"] == "deltatar-store"
+        except (ValueError, KeyError, TypeError, AssertionError):
+            raise CorruptStore(f"{self.location}: {HEADER_NAME} is damaged") from None
+        if version > STORE_VERSION:
+            raise UnsupportedFormat(
+                f"{self.location}: store format version {version} is newer than "
+                f"version {STORE_VERSION} this deltatar reads; upgrade deltatar"
+            )
+
+    # -- the verbs -------------------------------------------------------------
+
+    def append(self, src: str | os.PathLike[str], **options: Any) -> VisitRecord:
+        """Record the current state of ``src`` as the next visit."""
+        from .append import append_visit
+
+        return append_visit(self, Path(src), **options)
+
+    def materialize(
+        self, visit: int | str | None, dest: str | os.PathLike[str], **options: Any
+    ) -> VisitRecord:
+        """Rebuild the exact tree of ``visit`` (None: the latest) in ``dest``."""
+        from .materialize import materialize_visit
+
+        return materialize_visit(self, visit, Path(dest), **options)
+
+    def compact(self, keep_last: int | None = None, **options: Any) -> dict[str, Any]:
+        """Squash the chain into a new base, dropping visits older than kept."""
+        from .compact import compact_store
+
+        return compact_store(self, keep_last=keep_last, **options)
+
+    def verify(self, visit: int | str | None = None, quick: bool = False) -> list[str]:
+        """Check layers and manifests; return one line per problem found."""
+        from .verify import verify_store
+
+        return verify_store(self, visit, quick)
+
+    def visits(self) -> list[VisitRecord]:
+        """The visits the store holds, oldest first."""
+        with self.backend.reader_guard():
+            return self.read_head().visits
+
+    # -- head, manifests, contents ---------------------------------------------
+
+    def read_head(self) -> Head:
+        return self.read_head_with_token()[0]
+
+    def read_head_with_token(self) -> tuple[Head, str | None]:
+        data, token = self.backend.read_head()
+        if data is None:
+            return Head(), None
+        return head_module.decode(data, self.location), token
+
+    def commit_head(self, head: Head, token: str | None) -> None:
+        head.generation += 1
+        self.backend.swap_head(head_module.encode(head), token)
+
+    def load_manifest(self, record: VisitRecord) -> Manifest:
+        data = self._read_object(record.manifest)
+        manifest = manifest_module.decode(data, record.manifest)
+        if manifest.visit != record.visit:
+            raise CorruptStore(
+                f"{record.manifest}: manifest is for visit {manifest.visit}, "
+                f"the head says visit {record.visit}"
+            )
+        return manifest
+
+    def load_contents(self, record: VisitRecord) -> dict[str, StoredContent]:
+        document = json.loads(self._read_object(record.contents))
+        return {
+            content_id: StoredContent(size, recipe, block_ids)
+            for content_id, (size, recipe, block_ids) in document.items()
+        }
+
+    def content_index(self, head: Head) -> dict[str, StoredContent]:
+        """Every content any kept visit introduced: the dedup index."""
+        index: dict[str, StoredContent] = {}
+        for record in head.visits:
+            index.update(self.load_contents(record))
+        return index
+
+    def put_compressed(self, name: str, data: bytes) -> int:
+        compressed = pyzstd.compress(data, 3)
+        self.backend.put_bytes(name, compressed)
+        return len(compressed)
+
+    def _read_object(self, name: str) -> bytes:
+        compressed = self.backend.read(name)
+        try:
+            return pyzstd.decompress(compressed)
+        except pyzstd.ZstdError as error:
+            raise CorruptStore(f"{name}: damaged ({error})") from None
+
+    # -- configuration -----------------------------------------------------------
+
+    def settings(self) -> Settings:
+        try:
+            document = json.loads(self.backend.read(CONFIG_NAME))
+        except CorruptStore:
+            return Settings()
+        known = {item.name for item in fields(Settings)}
+        return Settings(**{k: v for k, v in document.items() if k in known})
+
+    def save_settings(self, settings: Settings) -> None:
+        staging = self.backend.scratch_dir() / f"config-{secrets.token_hex(4)}"
+        staging.write_text(json.dumps(asdict(settings), indent=1))
+        if isinstance(self.backend, LocalBackend):
+            os.replace(staging, self.backend.root / CONFIG_NAME)
+
+    # -- writing -----------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def writing(self, purpose: str) -> Iterator[tuple[Head, str | None]]:
+        """Hold the writer lock, tidy leftovers, and yield the current head."""
+        with self.backend.writer_lock(self.lock_timeout, purpose):
+            head, token = self.read_head_with_token()
+            self.collect_garbage(head, token)
+            head, token = self.read_head_with_token()
+            yield head, token
+
+    def new_object_name(self, kind: str, visit: int, suffix: str) -> str:
+        return f"{kind}/v{visit:06d}-{secrets.token_hex(6)}{suffix}"
+
+    def collect_garbage(self, head: Head, token: str | None) -> None:
+        """Delete leftovers of crashed writers, and old layers no reader needs.
+
+        Objects that no head ever named (a crashed append's) are deleted at
+        once.  Objects a compaction retired stay until no reader holds the
+        reader guard, because a reader that opened the old head needs them.
+        """
+        _clear_scratch(self.backend)
+        referenced = head.referenced_objects() | set(head.garbage)
+        for kind in OBJECT_DIRS:
+            for name in self.backend.list(f"{kind}/"):
+                if name not in referenced:
+                    logger.info("removing leftover %s", name)
+                    self.backend.delete(name)
+        if head.garbage and not self.backend.readers_active():
+            for name in head.garbage:
+                self.backend.delete(name)
+            head.garbage = []
+            self.commit_head(head, token)
+
+    def disk_usage(self) -> int:
+        """Bytes of every object the store holds (what ``du`` would count)."""
+        total = 0
+        for name in [HEADER_NAME, CONFIG_NAME, "HEAD"]:
+            with contextlib.suppress(CorruptStore):
+                total += self.backend.size(name)
+        for kind in OBJECT_DIRS:
+            for name in self.backend.list(f"{kind}/"):
+                total += self.backend.size(name)
+        return total
+
+
+def _backend_for(location: str | os.PathLike[str]) -> Backend:
+    text = os.fspath(location)
+    if "://" in text:
+        raise UsageError(f"{text}: store URLs are not supported by this version")
+    return LocalBackend(Path(text))
+
+
+def _create_local(path: Path) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    for kind in OBJECT_DIRS:
+        (path / kind).mkdir(exist_ok=True)
+    header = {
+        "format": "deltatar-store",
+        "version": STORE_VERSION,
+        "created_ns": time.time_ns(),
+        "store_id": secrets.token_hex(16),
+    }
+    LocalBackend(path).put_bytes(HEADER_NAME, json.dumps(header, indent=1).encode())
+    logger.info("created store %s", path)
+
+
+def _foreign_names(path: Path) -> list[str]:
+    """Names in ``path`` that a half-finished store creation would not leave."""
+    if not path.is_dir():
+        return []
+    ours = set(OBJECT_DIRS) | {"tmp", "lock", "readers.lock"}
+    return [child.name for child in path.iterdir() if child.name not in ours]
+
+
+def _clear_scratch(backend: Backend) -> None:
+    scratch = backend.scratch_dir()
+    for leftover in scratch.iterdir():
+        with contextlib.suppress(OSError):
+            leftover.unlink()
