@@ -21,10 +21,11 @@ from pathlib import Path
 from . import manifest as manifest_module
 from .content import ContentSource
 from .delta import RESERVED_PREFIX, LayerBuilder, Settings
-from .errors import SourceError, UsageError
+from .errors import UsageError
 from .head import VisitRecord
 from .layer import LayerWriter
-from .manifest import DIRECTORY, FILE, Entry, Manifest
+from .manifest import FILE, Entry, Manifest
+from .nested import find_nested_archives, suggested_pattern
 from .scan import Found, exclusion_spec, is_racy, scan, stat_matches
 
 logger = logging.getLogger(__name__)
@@ -48,6 +49,7 @@ def append_visit(
     excludes: list[str] | tuple[str, ...] = (),
     checksum: bool = False,
     strict: bool = False,
+    exclude_nested_archives: bool = False,
     progress: Progress | None = None,
 ) -> VisitRecord:
     """Append the state of ``src`` to ``store`` as its next visit."""
@@ -58,6 +60,7 @@ def append_visit(
         scan_started = time.time_ns()
         own_store = Path(store.location)
         result = scan(src, own_store, exclusion_spec(src, list(excludes)), strict)
+        _guard_nested_archives(src, result, previous, head, exclude_nested_archives)
         layer_name = store.new_object_name("layers", visit, ".tar.zst")
         builder = _builder(store, head, layer_name, is_base=previous is None)
         try:
@@ -73,12 +76,25 @@ def append_visit(
         store.backend.put_file(layer_name, builder.writer.path)
         counts.problems = result.problems + counts.problems
         record = _commit(
-            store, head, token, visit, message, layer_name, entries,
-            scan_started, builder, counts, len(tombstones),
+            store,
+            head,
+            token,
+            visit,
+            message,
+            layer_name,
+            entries,
+            scan_started,
+            builder,
+            counts,
+            len(tombstones),
         )
     logger.info(
         "visit %d appended: %d added, %d changed, %d deleted, %d bytes stored",
-        visit, record.added, record.changed, record.deleted, record.bytes_stored,
+        visit,
+        record.added,
+        record.changed,
+        record.deleted,
+        record.bytes_stored,
     )
     return record
 
@@ -91,6 +107,35 @@ def _check_source(src: Path, store) -> None:
     store_path = Path(store.location).resolve()
     if src.resolve() == store_path or store_path in src.resolve().parents:
         raise UsageError(f"{src}: source lies inside the store {store.location}")
+
+
+def _guard_nested_archives(src: Path, result, previous, head, skip: bool) -> None:
+    previous_entries = previous.by_path() if previous else {}
+    tree_bytes = head.latest().tree_bytes if head.visits else 0
+    nested = find_nested_archives(
+        src, result.found, previous_entries, tree_bytes, only_changed=not skip
+    )
+    if not nested:
+        return
+    if skip:
+        names = {archive.path for archive in nested}
+        result.found = [item for item in result.found if item.path not in names]
+        for archive in nested:
+            logger.info(
+                "%s: nested archive not recorded (%s)", archive.path, archive.reason
+            )
+        return
+    listing = "; ".join(f"{archive.path} ({archive.reason})" for archive in nested)
+    patterns = " ".join(
+        f"--exclude '{pattern}'"
+        for pattern in sorted({suggested_pattern(a) for a in nested})
+    )
+    logger.warning(
+        "archives of this tree inside the tree will make every visit larger: %s. "
+        "Skip them with %s, or with --exclude-nested-archives",
+        listing,
+        patterns,
+    )
 
 
 def _builder(store, head, layer_name: str, is_base: bool) -> LayerBuilder:
@@ -145,7 +190,11 @@ def _entry_for(item: Found) -> Entry:
         target=item.target,
     )
     if item.type == FILE:
-        entry.size, entry.inode, entry.ctime_ns = info.st_size, info.st_ino, info.st_ctime_ns
+        entry.size, entry.inode, entry.ctime_ns = (
+            info.st_size,
+            info.st_ino,
+            info.st_ctime_ns,
+        )
     if item.type in ("chardev", "blockdev"):
         entry.rdev = info.st_rdev
     if os.geteuid() == 0:
@@ -225,8 +274,12 @@ def _keep_previous_version(
     path: Path, entry: Entry, old: Entry | None, counts: Counts
 ) -> bool:
     if old is not None and old.type == FILE and old.recipe is not None:
-        counts.problems.append(f"{path}: kept changing while read; previous version kept")
-        logger.warning("%s kept changing while read; keeping its previous version", path)
+        counts.problems.append(
+            f"{path}: kept changing while read; previous version kept"
+        )
+        logger.warning(
+            "%s kept changing while read; keeping its previous version", path
+        )
         _copy_content(entry, old)
         entry.mtime_ns, entry.mode = old.mtime_ns, old.mode
         return True
@@ -355,12 +408,23 @@ def write_tombstones(builder: LayerBuilder, tombstones: list[str]) -> None:
 
 
 def _commit(
-    store, head, token, visit, message, layer_name, entries, scan_started,
-    builder, counts, deleted,
+    store,
+    head,
+    token,
+    visit,
+    message,
+    layer_name,
+    entries,
+    scan_started,
+    builder,
+    counts,
+    deleted,
 ) -> VisitRecord:
     manifest = Manifest(visit, entries, scan_started, info={"message": message})
     manifest_name = store.new_object_name("manifests", visit, ".json.zst")
-    manifest_bytes = store.put_compressed(manifest_name, manifest_module.encode(manifest))
+    manifest_bytes = store.put_compressed(
+        manifest_name, manifest_module.encode(manifest)
+    )
     contents_name = store.new_object_name("contents", visit, ".json.zst")
     contents_bytes = store.put_compressed(contents_name, contents_json(builder))
     record = VisitRecord(

@@ -68,6 +68,10 @@ class Backend(abc.ABC):
         """Remove object ``name``; a missing object is not an error."""
 
     @abc.abstractmethod
+    def replace_config(self, local_path: Path) -> None:
+        """Make the finished local file the store's config, atomically."""
+
+    @abc.abstractmethod
     def read_head(self) -> tuple[bytes | None, str | None]:
         """Return the head's bytes and a token naming that version of it."""
 
@@ -76,7 +80,9 @@ class Backend(abc.ABC):
         """Replace the head with ``data`` if it is still at ``expected_token``."""
 
     @abc.abstractmethod
-    def writer_lock(self, timeout: float, purpose: str) -> contextlib.AbstractContextManager:
+    def writer_lock(
+        self, timeout: float, purpose: str
+    ) -> contextlib.AbstractContextManager:
         """Hold the store's single writer lock for the duration of a block."""
 
     @abc.abstractmethod
@@ -154,6 +160,12 @@ class LocalBackend(Backend):
     def delete(self, name: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             self._path(name).unlink()
+
+    def replace_config(self, local_path: Path) -> None:
+        _fsync_file(local_path)
+        with _no_space_guard(self.location):
+            os.replace(local_path, self._path("config.json"))
+            _fsync_dir(self.root)
 
     def read_head(self) -> tuple[bytes | None, str | None]:
         try:

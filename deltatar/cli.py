@@ -9,6 +9,7 @@ usage exits 2; anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -28,6 +29,12 @@ EPILOG = {
     "compact": "example (cron): */30 * * * * deltatar compact --store /runs/node/.deltatar --keep-last 20",
     "log": "example: deltatar log --store ./node/.deltatar --json",
     "verify": "example: deltatar verify --store ./node/.deltatar --quick",
+    "stats": "example: deltatar stats --store ./node/.deltatar --json",
+    "config": "example: deltatar config --store ./node/.deltatar level 6",
+    "ls": "example: deltatar ls --store ./node/.deltatar --visit -2 worktree",
+    "cat": "example: deltatar cat --store ./node/.deltatar --visit 3 logs/run.log",
+    "diff": "example: deltatar diff --store ./node/.deltatar 3 -1 --stat",
+    "show": "example: deltatar show --store ./node/.deltatar 7",
 }
 
 
@@ -45,7 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     except DeltatarError as error:
         if args.debug:
             raise
-        _stderr_console().print(f"deltatar: error: {error}", markup=False, highlight=False)
+        _stderr_console().print(
+            f"deltatar: error: {error}", markup=False, highlight=False
+        )
         return EXIT_ERROR
     except KeyboardInterrupt:
         _stderr_console().print("deltatar: interrupted", markup=False)
@@ -57,7 +66,9 @@ def _parser() -> argparse.ArgumentParser:
         prog="deltatar",
         description="Store each visit of a directory as only what changed.",
     )
-    parser.add_argument("--version", action="version", version=f"deltatar {__version__}")
+    parser.add_argument(
+        "--version", action="version", version=f"deltatar {__version__}"
+    )
     parser.set_defaults(command=None)
     common = _common_options()
     commands = parser.add_subparsers(title="commands", metavar="COMMAND")
@@ -66,6 +77,12 @@ def _parser() -> argparse.ArgumentParser:
     _add_compact(commands, common)
     _add_log(commands, common)
     _add_verify(commands, common)
+    _add_stats(commands, common)
+    _add_config(commands, common)
+    _add_ls(commands, common)
+    _add_cat(commands, common)
+    _add_diff(commands, common)
+    _add_show(commands, common)
     return parser
 
 
@@ -81,13 +98,24 @@ def _common_options() -> argparse.ArgumentParser:
     common.add_argument("-q", "--quiet", action="store_true", help="print errors only")
     common.add_argument("--debug", action="store_true", help="show tracebacks")
     common.add_argument(
-        "--lock-timeout", type=float, default=60.0, metavar="SECONDS",
+        "--lock-timeout",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
         help="how long to wait for another writer (default: 60)",
+    )
+    common.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="show progress bars (default: when stderr is a terminal)",
     )
     return common
 
 
-def _command(commands, name: str, common, summary: str, handler) -> argparse.ArgumentParser:
+def _command(
+    commands, name: str, common, summary: str, handler
+) -> argparse.ArgumentParser:
     parser = commands.add_parser(
         name, parents=[common], help=summary, description=summary, epilog=EPILOG[name]
     )
@@ -96,30 +124,57 @@ def _command(commands, name: str, common, summary: str, handler) -> argparse.Arg
 
 
 def _add_append(commands, common) -> None:
-    parser = _command(commands, "append", common, "record SRC as the next visit", _append)
+    parser = _command(
+        commands, "append", common, "record SRC as the next visit", _append
+    )
     parser.add_argument("src", metavar="SRC", help="the directory to record")
-    parser.add_argument("-m", "--message", default="", help="a note kept with the visit")
     parser.add_argument(
-        "--exclude", action="append", default=[], metavar="PATTERN",
+        "-m", "--message", default="", help="a note kept with the visit"
+    )
+    parser.add_argument(
+        "--exclude",
+        action="append",
+        default=[],
+        metavar="PATTERN",
         help="gitignore-style pattern to leave out (repeatable)",
     )
     parser.add_argument(
-        "--checksum", action="store_true", help="hash every file instead of trusting stat data"
+        "--checksum",
+        action="store_true",
+        help="hash every file instead of trusting stat data",
     )
     parser.add_argument(
-        "--strict", action="store_true", help="fail on unreadable paths instead of warning"
+        "--strict",
+        action="store_true",
+        help="fail on unreadable paths instead of warning",
+    )
+    parser.add_argument(
+        "--exclude-nested-archives",
+        action="store_true",
+        help="skip tar/zip files inside SRC that hold copies of SRC",
     )
 
 
 def _add_materialize(commands, common) -> None:
     parser = _command(
-        commands, "materialize", common, "rebuild the exact tree of a visit", _materialize
+        commands,
+        "materialize",
+        common,
+        "rebuild the exact tree of a visit",
+        _materialize,
     )
-    parser.add_argument("dest", metavar="DEST", help="directory to write (new or empty)")
-    parser.add_argument("--visit", default=None, help="number, -1 for latest, or message")
+    parser.add_argument(
+        "dest", metavar="DEST", help="directory to write (new or empty)"
+    )
+    parser.add_argument(
+        "--visit", default=None, help="number, -1 for latest, or message"
+    )
     parser.add_argument("--force", action="store_true", help="replace a non-empty DEST")
     parser.add_argument(
-        "--path", action="append", default=[], metavar="SUBPATH",
+        "--path",
+        action="append",
+        default=[],
+        metavar="SUBPATH",
         help="restore only this path of the visit (repeatable)",
     )
     parser.add_argument(
@@ -132,7 +187,10 @@ def _add_compact(commands, common) -> None:
         commands, "compact", common, "squash the chain into a new base", _compact
     )
     parser.add_argument(
-        "--keep-last", type=_positive_int, default=None, metavar="N",
+        "--keep-last",
+        type=_positive_int,
+        default=None,
+        metavar="N",
         help="drop visits older than the last N",
     )
     parser.add_argument("--dry-run", action="store_true", help="report, change nothing")
@@ -146,7 +204,56 @@ def _add_verify(commands, common) -> None:
     parser = _command(commands, "verify", common, "check the store for damage", _verify)
     parser.add_argument("--visit", default=None, help="check only this visit")
     parser.add_argument(
-        "--quick", action="store_true", help="check structure and sizes, not content ids"
+        "--quick",
+        action="store_true",
+        help="check structure and sizes, not content ids",
+    )
+
+
+def _add_stats(commands, common) -> None:
+    _command(commands, "stats", common, "show what each visit stored and saved", _stats)
+
+
+def _add_config(commands, common) -> None:
+    parser = _command(commands, "config", common, "show or set store settings", _config)
+    parser.add_argument("key", nargs="?", metavar="KEY", help="setting to show or set")
+    parser.add_argument("value", nargs="?", metavar="VALUE", help="new value")
+
+
+def _add_ls(commands, common) -> None:
+    parser = _command(commands, "ls", common, "list the entries of a visit", _ls)
+    parser.add_argument(
+        "path", nargs="?", metavar="PATH", help="list only below this path"
+    )
+    parser.add_argument(
+        "--visit", default=None, help="number, -1 for latest, or message"
+    )
+
+
+def _add_cat(commands, common) -> None:
+    parser = _command(
+        commands, "cat", common, "write one file of a visit to stdout", _cat
+    )
+    parser.add_argument("path", metavar="PATH", help="the file's path in the visit")
+    parser.add_argument(
+        "--visit", default=None, help="number, -1 for latest, or message"
+    )
+
+
+def _add_diff(commands, common) -> None:
+    parser = _command(commands, "diff", common, "compare two visits", _diff)
+    parser.add_argument("first", metavar="A", help="the older visit")
+    parser.add_argument("second", metavar="B", help="the newer visit")
+    parser.add_argument(
+        "path", nargs="?", metavar="PATH", help="compare only below this path"
+    )
+    parser.add_argument("--stat", action="store_true", help="print counts only")
+
+
+def _add_show(commands, common) -> None:
+    parser = _command(commands, "show", common, "describe one visit in detail", _show)
+    parser.add_argument(
+        "visit", metavar="VISIT", help="number, -1 for latest, or message"
     )
 
 
@@ -169,23 +276,29 @@ def _append(args) -> int:
     store = Store.open_or_create(args.store)
     store.lock_timeout = args.lock_timeout
     started = time.perf_counter()
-    record = store.append(
-        args.src,
-        message=args.message,
-        excludes=args.exclude,
-        checksum=args.checksum,
-        strict=args.strict,
-    )
+    with _progress_bar(args, "append") as progress:
+        record = store.append(
+            args.src,
+            message=args.message,
+            excludes=args.exclude,
+            checksum=args.checksum,
+            strict=args.strict,
+            exclude_nested_archives=args.exclude_nested_archives,
+            progress=progress,
+        )
     elapsed = time.perf_counter() - started
     store_bytes = store.disk_usage()
     if args.json:
-        _print_json(_record_json(record) | {"store_bytes": store_bytes, "seconds": elapsed})
+        _print_json(
+            _record_json(record) | {"store_bytes": store_bytes, "seconds": elapsed}
+        )
     elif not args.quiet:
         _stdout_console().print(
             f"visit {record.visit}: {record.added} added, {record.changed} changed, "
             f"{record.deleted} deleted; {_size(record.bytes_stored)} stored "
             f"(store {_size(store_bytes)}, {elapsed:.2f}s)",
-            markup=False, highlight=False,
+            markup=False,
+            highlight=False,
         )
     return EXIT_OK
 
@@ -195,9 +308,15 @@ def _materialize(args) -> int:
 
     store = Store.open(args.store)
     started = time.perf_counter()
-    record = store.materialize(
-        args.visit, args.dest, force=args.force, devices=args.devices, paths=args.path
-    )
+    with _progress_bar(args, "materialize") as progress:
+        record = store.materialize(
+            args.visit,
+            args.dest,
+            force=args.force,
+            devices=args.devices,
+            paths=args.path,
+            progress=progress,
+        )
     elapsed = time.perf_counter() - started
     if args.json:
         _print_json({"visit": record.visit, "dest": args.dest, "seconds": elapsed})
@@ -205,7 +324,8 @@ def _materialize(args) -> int:
         _stdout_console().print(
             f"visit {record.visit} materialized into {args.dest} "
             f"({record.entries} entries, {_size(record.tree_bytes)}, {elapsed:.2f}s)",
-            markup=False, highlight=False,
+            markup=False,
+            highlight=False,
         )
     return EXIT_OK
 
@@ -227,7 +347,8 @@ def _compact(args) -> int:
             sizes += f" -> {_size(after)}"
         _stdout_console().print(
             f"{verb} visits {report['kept']}; dropped: {dropped}; store {sizes}",
-            markup=False, highlight=False,
+            markup=False,
+            highlight=False,
         )
     return EXIT_OK
 
@@ -260,7 +381,248 @@ def _verify(args) -> int:
     return EXIT_ERROR if problems else EXIT_OK
 
 
+def _stats(args) -> int:
+    from .browse import store_stats
+    from .store import Store
+
+    stats = store_stats(Store.open(args.store))
+    if args.json:
+        _print_json(stats)
+        return EXIT_OK
+    from rich.table import Table
+
+    table = Table(title="what each visit stored", title_justify="left")
+    columns = ("visit", "tree", "stored", "new", "tails", "patched", "blocks", "dedup")
+    for column in columns:
+        table.add_column(column, justify="right")
+    for row in stats["visits"]:
+        table.add_row(
+            str(row["visit"]),
+            _size(row["tree_bytes"]),
+            _size(row["bytes_stored"]),
+            _size(row["new_bytes"]),
+            _size(row["tail_bytes"]),
+            _size(row["patch_source_bytes"]),
+            _size(row["block_bytes"]),
+            _size(row["deduplicated_bytes"]),
+        )
+    console = _stdout_console()
+    console.print(table)
+    total = stats["total"]
+    ratio = total["store_to_naive_compressed"]
+    console.print(
+        f"store {_size(total['store_bytes'])}; per-visit full archives would take "
+        f"about {_size(total['naive_compressed_estimate'])} compressed "
+        f"({_size(total['naive_full_bytes'])} as plain tar)"
+        + (f"; store/naive = {ratio:.3f}" if ratio else ""),
+        markup=False,
+        highlight=False,
+    )
+    return EXIT_OK
+
+
+def _config(args) -> int:
+    from .store import Store
+
+    store = Store.open(args.store)
+    store.lock_timeout = args.lock_timeout
+    if args.value is not None:
+        store.configure(args.key, args.value)
+    settings = store.config_items()
+    if args.key is not None and args.key not in settings:
+        raise DeltatarError(
+            f"{args.key}: unknown setting; known: {', '.join(settings)}"
+        )
+    shown = {args.key: settings[args.key]} if args.key else settings
+    if args.json:
+        _print_json(shown)
+    else:
+        for key, value in shown.items():
+            _stdout_console().print(f"{key} = {value}", markup=False, highlight=False)
+    return EXIT_OK
+
+
+def _ls(args) -> int:
+    from .browse import list_entries
+    from .store import Store
+
+    record, entries = list_entries(Store.open(args.store), args.visit, args.path)
+    if args.json:
+        _print_json(
+            {"visit": record.visit, "entries": [_entry_json(e) for e in entries]}
+        )
+        return EXIT_OK
+    lines = [
+        f"{_mode_text(e)} {e.size:>12} {_iso_time(e.mtime_ns)} {_shown_path(e)}"
+        for e in entries
+    ]
+    sys.stdout.write("".join(line + "\n" for line in lines))
+    return EXIT_OK
+
+
+def _cat(args) -> int:
+    from .browse import read_file
+    from .store import Store
+
+    out = sys.stdout.buffer
+    for chunk in read_file(Store.open(args.store), args.visit, args.path):
+        out.write(chunk)
+    out.flush()
+    return EXIT_OK
+
+
+def _diff(args) -> int:
+    from .browse import diff_visits
+    from .store import Store
+
+    changes = diff_visits(Store.open(args.store), args.first, args.second, args.path)
+    counts: dict[str, int] = {}
+    for change in changes:
+        counts[change.kind] = counts.get(change.kind, 0) + 1
+    if args.json:
+        listing = (
+            []
+            if args.stat
+            else [{"change": c.kind, **_path_json(c.path)} for c in changes]
+        )
+        _print_json({"counts": counts, "changes": listing})
+        return EXIT_OK
+    if not args.stat:
+        marks = {
+            "added": "+",
+            "deleted": "-",
+            "changed": "M",
+            "mode": "m",
+            "type": "T",
+            "touched": "t",
+        }
+        lines = [f"{marks[c.kind]} {_escape(c.path)}" for c in changes]
+        sys.stdout.write("".join(line + "\n" for line in lines))
+    summary = (
+        ", ".join(f"{n} {kind}" for kind, n in sorted(counts.items())) or "no changes"
+    )
+    (_stdout_console() if args.stat else _stderr_console()).print(
+        summary, markup=False, highlight=False
+    )
+    return EXIT_OK
+
+
+def _show(args) -> int:
+    from .store import Store
+
+    store = Store.open(args.store)
+    with store.backend.reader_guard():
+        record = store.read_head().resolve(args.visit, store.location)
+    document = _record_json(record) | {
+        "layer": record.layer,
+        "manifest": record.manifest,
+        "tree_digest": record.tree_digest,
+    }
+    if args.json:
+        _print_json(document)
+        return EXIT_OK
+    console = _stdout_console()
+    for key, value in document.items():
+        shown = (
+            _size(value) if key.endswith("bytes") and isinstance(value, int) else value
+        )
+        if key == "stored":
+            shown = ", ".join(
+                f"{k} {_size(v) if k.endswith('bytes') else v}"
+                for k, v in value.items()
+            )
+        console.print(f"{key:>14}: {shown}", markup=False, highlight=False)
+    return EXIT_OK
+
+
 # -- output --------------------------------------------------------------------
+
+
+def _escape(path: str) -> str:
+    """Show a path that may hold undecodable bytes without ever failing to print."""
+    raw = os.fsencode(path)
+    text = raw.decode("utf-8", "backslashreplace")
+    return text.replace("\n", "\\n")
+
+
+def _shown_path(entry) -> str:
+    text = _escape(entry.path)
+    if entry.type == "dir":
+        return text + "/"
+    if entry.type == "symlink":
+        return f"{text} -> {_escape(entry.target or '')}"
+    return text
+
+
+def _mode_text(entry) -> str:
+    import stat as stat_module
+
+    kinds = {
+        "file": stat_module.S_IFREG,
+        "dir": stat_module.S_IFDIR,
+        "symlink": stat_module.S_IFLNK,
+        "fifo": stat_module.S_IFIFO,
+        "chardev": stat_module.S_IFCHR,
+        "blockdev": stat_module.S_IFBLK,
+    }
+    return stat_module.filemode(kinds[entry.type] | entry.mode)
+
+
+def _path_json(path: str) -> dict[str, str]:
+    raw = os.fsencode(path)
+    try:
+        return {"path": raw.decode("utf-8")}
+    except UnicodeDecodeError:
+        return {"path_hex": raw.hex(), "path": raw.decode("utf-8", "backslashreplace")}
+
+
+def _entry_json(entry) -> dict[str, Any]:
+    document = _path_json(entry.path) | {
+        "type": entry.type,
+        "mode": entry.mode,
+        "size": entry.size,
+        "mtime_ns": entry.mtime_ns,
+        "content_id": entry.content_id,
+    }
+    if entry.target is not None:
+        document["target"] = _escape(entry.target)
+    if entry.hardlink_of is not None:
+        document["hardlink_of"] = _escape(entry.hardlink_of)
+    return document
+
+
+@contextlib.contextmanager
+def _progress_bar(args, label: str):
+    """A transient rich progress bar on stderr, when one is wanted."""
+    wanted = args.progress
+    if wanted is None:
+        wanted = sys.stderr.isatty() and not args.quiet and not args.json
+    if not wanted:
+        yield None
+        return
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=_stderr_console(), transient=True) as bar:
+        task = bar.add_task(label, total=None)
+
+        def update(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        yield update
 
 
 def _record_json(record) -> dict[str, Any]:
@@ -292,7 +654,7 @@ def _print_log_table(records) -> None:
         table.add_row(
             str(record.visit),
             _iso_time(record.time_ns),
-            record.message,
+            _escape(record.message),
             str(record.added),
             str(record.changed),
             str(record.deleted),

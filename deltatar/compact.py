@@ -53,8 +53,10 @@ def compact_store(
         store.collect_garbage(*store.read_head_with_token())
     report["store_bytes_after"] = store.disk_usage()
     logger.info(
-        "compacted %s: kept visits %s, dropped %d", store.location,
-        report["kept"], len(dropped),
+        "compacted %s: kept visits %s, dropped %d",
+        store.location,
+        report["kept"],
+        len(dropped),
     )
     return report
 
@@ -88,8 +90,12 @@ def _rebuild(store, kept: list[VisitRecord]) -> list[VisitRecord]:
         manifest = store.load_manifest(record)
         layer_name = store.new_object_name("layers", record.visit, ".tar.zst")
         staging = store.backend.scratch_dir() / Path(layer_name).name
-        writer = LayerWriter(staging, settings.level, settings.thread_count(), store.location)
-        builder = LayerBuilder(writer, layer_name, previous is None, index, source, settings)
+        writer = LayerWriter(
+            staging, settings.level, settings.thread_count(), store.location
+        )
+        builder = LayerBuilder(
+            writer, layer_name, previous is None, index, source, settings
+        )
         try:
             entries = _rebuild_entries(manifest, previous, builder, source)
             write_tombstones(builder, tombstones_between(previous, entries))
@@ -98,7 +104,9 @@ def _rebuild(store, kept: list[VisitRecord]) -> list[VisitRecord]:
             writer.abort()
             raise
         store.backend.put_file(layer_name, staging)
-        rebuilt = Manifest(record.visit, entries, manifest.scan_started_ns, manifest.info)
+        rebuilt = Manifest(
+            record.visit, entries, manifest.scan_started_ns, manifest.info
+        )
         records.append(_store_rebuilt(store, record, layer_name, rebuilt, builder))
         previous = rebuilt
     return records
@@ -162,7 +170,9 @@ def _store_rebuilt(
 ) -> VisitRecord:
     manifest_name = store.new_object_name("manifests", record.visit, ".json.zst")
     contents_name = store.new_object_name("contents", record.visit, ".json.zst")
-    manifest_bytes = store.put_compressed(manifest_name, manifest_module.encode(manifest))
+    manifest_bytes = store.put_compressed(
+        manifest_name, manifest_module.encode(manifest)
+    )
     contents_bytes = store.put_compressed(contents_name, contents_json(builder))
     return dataclasses.replace(
         record,

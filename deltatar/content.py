@@ -132,7 +132,9 @@ class ContentSource:
         ]
         return b"".join(parts)
 
-    def read_verified(self, recipe: Recipe, expected_id: str | None, where: str) -> bytes:
+    def read_verified(
+        self, recipe: Recipe, expected_id: str | None, where: str
+    ) -> bytes:
         data = self.read_all(recipe)
         if expected_id is not None and content_id(data) != expected_id:
             raise CorruptStore(f"{where}: content does not match its content id")

@@ -32,8 +32,15 @@ from typing import Any
 import pyzstd
 import xxhash
 
-from .content import PATCH, RAW, ZERO, content_id, make_patch, patch_depth
-from .content import ContentSource
+from .content import (
+    PATCH,
+    RAW,
+    ZERO,
+    ContentSource,
+    content_id,
+    make_patch,
+    patch_depth,
+)
 from .layer import LayerWriter
 from .manifest import (
     BLOCK_DEVICE,
@@ -156,7 +163,9 @@ class LayerBuilder:
         self.tally.full_bytes += len(data)
         return [[RAW, self.layer_name, offset, len(data)]] if data else []
 
-    def _try_tail(self, entry: Entry, data: bytes, previous: Entry | None) -> Recipe | None:
+    def _try_tail(
+        self, entry: Entry, data: bytes, previous: Entry | None
+    ) -> Recipe | None:
         if previous is None or previous.recipe is None or previous.block_ids:
             return None
         old_size = previous.size
@@ -171,7 +180,9 @@ class LayerBuilder:
         logger.debug("%s: stored a %d byte tail", entry.path, len(tail))
         return previous.recipe + [[RAW, self.layer_name, offset, len(tail)]]
 
-    def _try_patch(self, entry: Entry, data: bytes, previous: Entry | None) -> Recipe | None:
+    def _try_patch(
+        self, entry: Entry, data: bytes, previous: Entry | None
+    ) -> Recipe | None:
         if previous is None or previous.recipe is None or previous.block_ids:
             return None
         if len(data) < MIN_PATCH_SIZE or previous.size < MIN_PATCH_SIZE:
@@ -188,7 +199,9 @@ class LayerBuilder:
         offset = self.writer.add_member(_blob_info(name, len(patch)), [patch], False)
         self.tally.patch_bytes += len(data)
         logger.debug("%s: stored a %d byte patch", entry.path, len(patch))
-        return [[PATCH, self.layer_name, offset, len(patch), len(data), previous.recipe]]
+        return [
+            [PATCH, self.layer_name, offset, len(patch), len(data), previous.recipe]
+        ]
 
     # -- large files, block by block ---------------------------------------
 
@@ -202,7 +215,9 @@ class LayerBuilder:
         block_ids: list[str] = []
         member_offset = self._open_block_member(entry)
         for block in blocks:
-            piece, block_id = self._store_block(block, known_blocks, whole, member_offset)
+            piece, block_id = self._store_block(
+                block, known_blocks, whole, member_offset
+            )
             recipe.append(piece)
             block_ids.append(block_id)
             if member_offset is not None:
@@ -246,7 +261,9 @@ class LayerBuilder:
             self.tally.deduplicated_bytes += length
             return reused, block_id
         name = f"{RESERVED_PREFIX}/block/{block_id}"
-        offset = self.writer.add_member(_blob_info(name, length), [block], _compressible(block))
+        offset = self.writer.add_member(
+            _blob_info(name, length), [block], _compressible(block)
+        )
         self.tally.block_bytes += length
         piece = [RAW, self.layer_name, offset, length]
         if block_id not in self.index:

@@ -107,9 +107,7 @@ class Head:
     def _missing_message(self, visit: int, location: str) -> str:
         kept = self.kept_ranges() or "none"
         if 1 <= visit < self.next_visit:
-            return (
-                f"{location}: visit {visit} was compacted away; kept visits: {kept}"
-            )
+            return f"{location}: visit {visit} was compacted away; kept visits: {kept}"
         return f"{location}: there is no visit {visit}; kept visits: {kept}"
 
 

@@ -67,7 +67,9 @@ class LayerWriter:
         self._raw_offset = 0
         self._frames: list[tuple[int, int]] = []
         self._pool = ThreadPoolExecutor(max_workers=max(1, threads))
-        self._pending: collections.deque[tuple[Future[bytes], int]] = collections.deque()
+        self._pending: collections.deque[tuple[Future[bytes], int]] = (
+            collections.deque()
+        )
         self._max_pending = 2 * max(1, threads)
         self._stored = 0
         self._member_start = 0
@@ -123,7 +125,9 @@ class LayerWriter:
             self._file.write(_seek_table(self._frames))
             self._file.flush()
             self._file.close()
-        summary = LayerSummary(self._raw_offset, self.path.stat().st_size, len(self._frames))
+        summary = LayerSummary(
+            self._raw_offset, self.path.stat().st_size, len(self._frames)
+        )
         return summary
 
     def abort(self) -> None:
@@ -244,7 +248,9 @@ class LayerReader:
         try:
             frame = pyzstd.decompress(compressed)
         except pyzstd.ZstdError as error:
-            raise CorruptStore(f"{self.name}: frame {index} is damaged ({error})") from None
+            raise CorruptStore(
+                f"{self.name}: frame {index} is damaged ({error})"
+            ) from None
         if len(frame) != raw_size:
             raise CorruptStore(
                 f"{self.name}: frame {index} holds {len(frame)} bytes, "
@@ -270,7 +276,9 @@ class LayerReader:
             raise CorruptStore(f"{self.name}: seek table header is damaged")
         self._index_frames(table, count, entry_size, total - table_size)
 
-    def _index_frames(self, table: bytes, count: int, entry_size: int, limit: int) -> None:
+    def _index_frames(
+        self, table: bytes, count: int, entry_size: int, limit: int
+    ) -> None:
         stored, raw = 0, 0
         self._stored_offsets.append(0)
         self._raw_offsets.append(0)

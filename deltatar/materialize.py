@@ -89,8 +89,12 @@ def _check_path(path: str, where: str) -> None:
         raise CorruptStore(f"{where}: unsafe path {path!r} in the manifest")
 
 
-def _check_entry(entry: Entry, kinds: dict[str, str], where: str, devices: bool) -> None:
-    if entry.type in (CHAR_DEVICE, BLOCK_DEVICE) and not (devices and os.geteuid() == 0):
+def _check_entry(
+    entry: Entry, kinds: dict[str, str], where: str, devices: bool
+) -> None:
+    if entry.type in (CHAR_DEVICE, BLOCK_DEVICE) and not (
+        devices and os.geteuid() == 0
+    ):
         raise CorruptStore(
             f"{where}: {entry.path!r} is a device node; only root with --devices "
             "may recreate devices"
@@ -106,7 +110,9 @@ def _check_entry(entry: Entry, kinds: dict[str, str], where: str, devices: bool)
     validate(entry.recipe, entry.size, f"{where}: {entry.path!r}")
 
 
-def _select(manifest: Manifest, paths: list[str] | None, record: VisitRecord) -> list[Entry]:
+def _select(
+    manifest: Manifest, paths: list[str] | None, record: VisitRecord
+) -> list[Entry]:
     if not paths:
         return manifest.entries
     wanted = [path.strip("/") for path in paths]
@@ -157,7 +163,11 @@ def _empty_directory(dest: Path) -> None:
 
 
 def _write_tree(
-    store, dest: Path, entries: list[Entry], record: VisitRecord, progress: Progress | None
+    store,
+    dest: Path,
+    entries: list[Entry],
+    record: VisitRecord,
+    progress: Progress | None,
 ) -> None:
     source = ContentSource(store.backend)
     directories = [entry for entry in entries if entry.type == DIRECTORY]
@@ -183,7 +193,9 @@ def _read_order(entry: Entry) -> tuple[str, int]:
     return "", 0
 
 
-def _write_file(source: ContentSource, dest: Path, entry: Entry, record: VisitRecord) -> None:
+def _write_file(
+    source: ContentSource, dest: Path, entry: Entry, record: VisitRecord
+) -> None:
     path = dest / entry.path
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
     fd = os.open(path, flags, 0o600)

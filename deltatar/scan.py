@@ -144,7 +144,9 @@ def _examine(
         try:
             target = os.readlink(child.path)
         except OSError as error:
-            _problem(result, strict, f"{child.path}: cannot read link ({error.strerror})")
+            _problem(
+                result, strict, f"{child.path}: cannot read link ({error.strerror})"
+            )
             return None
     return Found(relative, kind, info, target)
 

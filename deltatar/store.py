@@ -35,7 +35,6 @@ import pyzstd
 from . import head as head_module
 from . import manifest as manifest_module
 from .backend import Backend, LocalBackend
-from .content import ContentSource
 from .delta import Settings, StoredContent
 from .errors import CorruptStore, StoreNotFound, UnsupportedFormat, UsageError
 from .head import Head, VisitRecord
@@ -48,6 +47,13 @@ HEADER_NAME = "deltatar-store.json"
 CONFIG_NAME = "config.json"
 LOCK_TIMEOUT = 60.0
 OBJECT_DIRS = ("layers", "manifests", "contents")
+SETTING_BOUNDS = {
+    "level": (-7, 22),
+    "threads": (0, 256),
+    "block_mode_size": (64 * 1024, 1 << 40),
+    "block_size": (4096, 256 * 1024 * 1024),
+    "max_patch_depth": (0, 32),
+}
 
 
 class Store:
@@ -198,10 +204,37 @@ class Store:
         return Settings(**{k: v for k, v in document.items() if k in known})
 
     def save_settings(self, settings: Settings) -> None:
+        """Write the settings durably (callers hold the writer lock)."""
+        document = json.dumps(asdict(settings), indent=1).encode()
         staging = self.backend.scratch_dir() / f"config-{secrets.token_hex(4)}"
-        staging.write_text(json.dumps(asdict(settings), indent=1))
-        if isinstance(self.backend, LocalBackend):
-            os.replace(staging, self.backend.root / CONFIG_NAME)
+        staging.write_bytes(document)
+        self.backend.replace_config(staging)
+
+    def config_items(self) -> dict[str, int]:
+        """The settings by the names ``deltatar config`` uses."""
+        settings = asdict(self.settings())
+        return {name.replace("_", "-"): value for name, value in settings.items()}
+
+    def configure(self, key: str, value: str) -> None:
+        """Change one setting, checking the value first."""
+        field_name = key.replace("-", "_")
+        bounds = SETTING_BOUNDS.get(field_name)
+        if bounds is None:
+            known = ", ".join(self.config_items())
+            raise UsageError(f"{key}: unknown setting; known: {known}")
+        try:
+            number = int(value)
+        except ValueError:
+            raise UsageError(
+                f"{key} {value}: the value must be a whole number"
+            ) from None
+        low, high = bounds
+        if not low <= number <= high:
+            raise UsageError(f"{key} {value}: the value must lie in {low}..{high}")
+        with self.backend.writer_lock(self.lock_timeout, f"config {key}"):
+            settings = self.settings()
+            setattr(settings, field_name, number)
+            self.save_settings(settings)
 
     # -- writing -----------------------------------------------------------------
 

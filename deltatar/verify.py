@@ -23,7 +23,9 @@ def verify_store(store, visit: int | str | None, quick: bool) -> list[str]:
     """Return one line per problem; an empty list means the store is sound."""
     with store.backend.reader_guard():
         head = store.read_head()
-        records = head.visits if visit is None else [head.resolve(visit, store.location)]
+        records = (
+            head.visits if visit is None else [head.resolve(visit, store.location)]
+        )
         source = ContentSource(store.backend)
         checked: dict[str, str | None] = {}
         problems: list[str] = []
@@ -56,7 +58,9 @@ def _verify_visit(
     return problems
 
 
-def _verify_content(source: ContentSource, entry, quick: bool, checked: dict) -> str | None:
+def _verify_content(
+    source: ContentSource, entry, quick: bool, checked: dict
+) -> str | None:
     key = entry.content_id if not quick else f"quick:{entry.content_id}"
     if key in checked:
         return checked[key]

@@ -339,7 +339,7 @@ def test_symlinks_leaving_the_tree_materialize_as_links(
     passwd_before = (passwd.read_bytes(), passwd.stat().st_mtime_ns)
     markers = _links_leaving_the_tree(visits, tmp_path)
     outside_before = tree_state(tmp_path / "outside")
-    targets = dict(LINK_TARGETS, **{b"abs-out": os.fsencode(tmp_path / "outside/s")})
+    targets = {**LINK_TARGETS, b"abs-out": os.fsencode(tmp_path / "outside/s")}
 
     for visit in (1, 2):
         dest = visits.materialize(visit)

@@ -1,0 +1,172 @@
+"""Read-only views of visits: list entries, read one file, compare, count.
+
+These answer the questions a person asks while examining a run (what was in
+visit 7, what changed between 7 and 9, how much did each visit cost) without
+materializing anything.  Each function takes the reader guard so that a
+concurrent compaction keeps the objects it reads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import xxhash
+
+from .content import ContentSource
+from .errors import CorruptStore, UsageError
+from .head import VisitRecord
+from .manifest import DIRECTORY, FILE, Entry
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """One difference between two visits at one path."""
+
+    kind: str
+    path: str
+    old: Entry | None
+    new: Entry | None
+
+
+def list_entries(
+    store, visit, path: str | None = None
+) -> tuple[VisitRecord, list[Entry]]:
+    """The entries of ``visit`` at or below ``path`` (all when None)."""
+    with store.backend.reader_guard():
+        record = store.read_head().resolve(visit, store.location)
+        entries = store.load_manifest(record).entries
+    return record, _below(entries, path, record)
+
+
+def read_file(store, visit, path: str) -> Iterator[bytes]:
+    """Yield the bytes of one file of a visit, checked against its content id."""
+    with store.backend.reader_guard():
+        record = store.read_head().resolve(visit, store.location)
+        by_path = store.load_manifest(record).by_path()
+        entry = by_path.get(path.strip("/"))
+        if entry is None:
+            raise UsageError(f"{path}: not in visit {record.visit}")
+        if entry.type != FILE:
+            raise UsageError(
+                f"{path}: is a {entry.type} in visit {record.visit}, not a file"
+            )
+        if entry.hardlink_of is not None:
+            entry = by_path[entry.hardlink_of]
+        yield from _checked_bytes(ContentSource(store.backend), entry, record)
+
+
+def _checked_bytes(source: ContentSource, entry: Entry, record) -> Iterator[bytes]:
+    digest = xxhash.xxh3_128()
+    for part in source.iter_pieces(entry.recipe or []):
+        data = bytes(part) if isinstance(part, int) else part
+        digest.update(data)
+        yield data
+    if digest.hexdigest() != entry.content_id:
+        raise CorruptStore(
+            f"visit {record.visit}: {entry.path!r} does not match its content id"
+        )
+
+
+def diff_visits(store, first, second, path: str | None = None) -> list[Change]:
+    """What changed from visit ``first`` to visit ``second``, path by path."""
+    with store.backend.reader_guard():
+        head = store.read_head()
+        old_record = head.resolve(first, store.location)
+        new_record = head.resolve(second, store.location)
+        old = {
+            e.path: e
+            for e in _below(store.load_manifest(old_record).entries, path, None)
+        }
+        new = {
+            e.path: e
+            for e in _below(store.load_manifest(new_record).entries, path, None)
+        }
+    changes = []
+    for name in sorted(
+        old.keys() | new.keys(), key=lambda text: text.encode(errors="surrogateescape")
+    ):
+        kind = _change_kind(old.get(name), new.get(name))
+        if kind is not None:
+            changes.append(Change(kind, name, old.get(name), new.get(name)))
+    return changes
+
+
+def _change_kind(old: Entry | None, new: Entry | None) -> str | None:
+    if old is None:
+        return "added"
+    if new is None:
+        return "deleted"
+    if old.type != new.type:
+        return "type"
+    if old.content_id != new.content_id or old.target != new.target:
+        return "changed"
+    if old.mode != new.mode:
+        return "mode"
+    if old.mtime_ns != new.mtime_ns and old.type != DIRECTORY:
+        return "touched"
+    return None
+
+
+def _below(entries: list[Entry], path: str | None, record) -> list[Entry]:
+    if not path or path.strip("/") in ("", "."):
+        return entries
+    prefix = path.strip("/")
+    chosen = [e for e in entries if e.path == prefix or e.path.startswith(prefix + "/")]
+    if not chosen and record is not None:
+        raise UsageError(f"{path}: not in visit {record.visit}")
+    return chosen
+
+
+def store_stats(store) -> dict[str, Any]:
+    """Per visit and in total: logical size, bytes stored, and how they were saved.
+
+    ``naive_full_bytes`` is what one uncompressed tar of the whole tree per
+    visit would take; ``naive_compressed_estimate`` scales it by the base's
+    compression ratio, a fair stand-in for per-visit ``tar | zstd`` archives.
+    """
+    records = store.visits()
+    rows = [_stats_row(record) for record in records]
+    ratio = _base_ratio(records)
+    store_bytes = store.disk_usage()
+    naive = sum(row["tree_bytes"] for row in rows)
+    naive_compressed = int(naive * ratio)
+    return {
+        "visits": rows,
+        "total": {
+            "visits": len(rows),
+            "store_bytes": store_bytes,
+            "tree_bytes_latest": rows[-1]["tree_bytes"] if rows else 0,
+            "new_bytes": sum(row["new_bytes"] for row in rows),
+            "deduplicated_bytes": sum(row["deduplicated_bytes"] for row in rows),
+            "naive_full_bytes": naive,
+            "naive_compressed_estimate": naive_compressed,
+            "store_to_naive_compressed": store_bytes / naive_compressed
+            if naive_compressed
+            else None,
+        },
+    }
+
+
+def _stats_row(record: VisitRecord) -> dict[str, Any]:
+    stored = record.stored
+    return {
+        "visit": record.visit,
+        "kind": record.kind,
+        "tree_bytes": record.tree_bytes,
+        "bytes_stored": record.bytes_stored,
+        "new_bytes": stored.get("new_bytes", 0),
+        "full_bytes": stored.get("full_bytes", 0),
+        "tail_bytes": stored.get("tail_bytes", 0),
+        "patch_source_bytes": stored.get("patch_source_bytes", 0),
+        "block_bytes": stored.get("block_bytes", 0),
+        "deduplicated_bytes": stored.get("deduplicated_bytes", 0),
+    }
+
+
+def _base_ratio(records: list[VisitRecord]) -> float:
+    for record in records:
+        if record.kind == "base" and record.tree_bytes:
+            return record.layer_bytes / record.tree_bytes
+    return 1.0
