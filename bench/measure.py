@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import os
 import resource
+import shlex
 import shutil
 import stat
 import subprocess
@@ -95,6 +96,11 @@ def run(
 def run_shell(script: str, cwd: Path | None = None) -> Timed:
     """Run a pipeline under bash with pipefail, so a failing producer is seen."""
     return run(["bash", "-o", "pipefail", "-c", script], cwd=cwd)
+
+
+def quote(path: Path | str) -> str:
+    """Quote a path for the bash pipelines of run_shell."""
+    return shlex.quote(str(path))
 
 
 def output_of(argv: Sequence[str]) -> str:

@@ -26,7 +26,15 @@ from .head import VisitRecord
 from .layer import LayerWriter
 from .manifest import FILE, Entry, Manifest
 from .nested import find_nested_archives, suggested_pattern
-from .scan import Found, exclusion_spec, is_racy, scan, stat_matches
+from .scan import (
+    COARSE_RACY_WINDOW_NS,
+    Found,
+    exclusion_spec,
+    is_racy,
+    racy_window,
+    scan,
+    stat_matches,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -75,19 +83,11 @@ def append_visit(
             raise
         store.backend.put_file(layer_name, builder.writer.path)
         counts.problems = result.problems + counts.problems
-        record = _commit(
-            store,
-            head,
-            token,
-            visit,
-            message,
-            layer_name,
-            entries,
-            scan_started,
-            builder,
-            counts,
-            len(tombstones),
-        )
+        info = {"message": message, "racy_window_ns": racy_window(result.found)}
+        manifest = Manifest(visit, entries, scan_started, info)
+        record = _add_visit(store, head, manifest, layer_name, builder, counts)
+        record.deleted = len(tombstones)
+        store.commit_head(head, token)
     logger.info(
         "visit %d appended: %d added, %d changed, %d deleted, %d bytes stored",
         visit,
@@ -159,6 +159,11 @@ def _record_entries(
 ) -> tuple[list[Entry], Counts]:
     previous_entries = previous.by_path() if previous else {}
     previous_scan = previous.scan_started_ns if previous else 0
+    window = (
+        int(previous.info.get("racy_window_ns", COARSE_RACY_WINDOW_NS))
+        if previous
+        else 0
+    )
     leaders: dict[tuple[int, int], Entry] = {}
     counts = Counts()
     entries: list[Entry] = []
@@ -167,7 +172,15 @@ def _record_entries(
         entry = _entry_for(item)
         if item.type == FILE:
             stored = _record_file(
-                src, item, entry, old, leaders, builder, checksum, previous_scan, counts
+                src,
+                item,
+                entry,
+                old,
+                leaders,
+                builder,
+                checksum,
+                (previous_scan, window),
+                counts,
             )
             if not stored:
                 continue
@@ -210,7 +223,7 @@ def _record_file(
     leaders: dict[tuple[int, int], Entry],
     builder: LayerBuilder,
     checksum: bool,
-    previous_scan: int,
+    racy_check: tuple[int, int],
     counts: Counts,
 ) -> bool:
     """Fill in a file entry's content; False when the file cannot be recorded."""
@@ -223,7 +236,7 @@ def _record_file(
         return True
     reusable = old is not None and old.hardlink_of is None and not builder.is_base
     if reusable and not checksum and stat_matches(old, item):
-        if not is_racy(old, previous_scan):
+        if not is_racy(old, *racy_check):
             _copy_content(entry, old)
             _register_leader(leaders, item, entry)
             return True
@@ -407,20 +420,14 @@ def write_tombstones(builder: LayerBuilder, tombstones: list[str]) -> None:
     builder.writer.add_member(info, [data])
 
 
-def _commit(
-    store,
-    head,
-    token,
-    visit,
-    message,
-    layer_name,
-    entries,
-    scan_started,
-    builder,
-    counts,
-    deleted,
+def _add_visit(
+    store, head, manifest: Manifest, layer_name: str, builder, counts: Counts
 ) -> VisitRecord:
-    manifest = Manifest(visit, entries, scan_started, info={"message": message})
+    """Write the manifest and contents list and add the visit to ``head``.
+
+    The caller commits the head; until then the new objects are invisible.
+    """
+    visit, entries = manifest.visit, manifest.entries
     manifest_name = store.new_object_name("manifests", visit, ".json.zst")
     manifest_bytes = store.put_compressed(
         manifest_name, manifest_module.encode(manifest)
@@ -430,7 +437,7 @@ def _commit(
     record = VisitRecord(
         visit=visit,
         time_ns=time.time_ns(),
-        message=message,
+        message=manifest.info["message"],
         layer=layer_name,
         manifest=manifest_name,
         contents=contents_name,
@@ -440,7 +447,6 @@ def _commit(
         tree_bytes=sum(e.size for e in entries if e.type == FILE),
         added=counts.added,
         changed=counts.changed,
-        deleted=deleted,
         metadata_only=counts.metadata_only,
         layer_bytes=store.backend.size(layer_name),
         manifest_bytes=manifest_bytes + contents_bytes,
@@ -448,7 +454,6 @@ def _commit(
     )
     head.visits.append(record)
     head.next_visit = visit + 1
-    store.commit_head(head, token)
     return record
 
 

@@ -187,11 +187,15 @@ class LayerBuilder:
             return None
         if len(data) < MIN_PATCH_SIZE or previous.size < MIN_PATCH_SIZE:
             return None
-        if patch_depth(previous.recipe) >= self.settings.max_patch_depth:
+        reference_recipe = self._patch_reference(previous.recipe)
+        if reference_recipe is None:
             return None
-        reference = self.source.read_verified(
-            previous.recipe, previous.content_id, previous.path
-        )
+        if reference_recipe is previous.recipe:
+            reference = self.source.read_verified(
+                previous.recipe, previous.content_id, previous.path
+            )
+        else:
+            reference = self.source.read_all(reference_recipe)
         patch = make_patch(data, reference, self.settings.level)
         if len(patch) >= 0.8 * _compressed_estimate(data, self.settings.level):
             return None
@@ -200,8 +204,27 @@ class LayerBuilder:
         self.tally.patch_bytes += len(data)
         logger.debug("%s: stored a %d byte patch", entry.path, len(patch))
         return [
-            [PATCH, self.layer_name, offset, len(patch), len(data), previous.recipe]
+            [PATCH, self.layer_name, offset, len(patch), len(data), reference_recipe]
         ]
+
+    def _patch_reference(self, recipe: Recipe) -> Recipe | None:
+        """The version to patch against: the previous one, or its chain's root.
+
+        Patching against the previous version gives the smallest patch, but
+        each patch deepens the chain a restore must walk.  Past the depth
+        limit the new patch goes against the root of the chain instead, which
+        keeps the depth at one while the file keeps most of its bytes.
+        """
+        if patch_depth(recipe) < self.settings.max_patch_depth:
+            return recipe
+        if len(recipe) != 1 or recipe[0][0] != PATCH:
+            return None
+        root = recipe[0][5]
+        while len(root) == 1 and root[0][0] == PATCH:
+            root = root[0][5]
+        if patch_depth(root) != 0 or self.settings.max_patch_depth < 1:
+            return None
+        return root
 
     # -- large files, block by block ---------------------------------------
 

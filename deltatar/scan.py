@@ -32,9 +32,13 @@ logger = logging.getLogger(__name__)
 
 IGNORE_FILE = ".deltatarignore"
 STORE_MARKER = "deltatar-store.json"
-# Timestamps within this many nanoseconds of the previous scan's start may hide
-# a same-size edit made in the same clock tick, so such files are re-read.
-RACY_WINDOW_NS = 2_000_000_000
+# Timestamps this close to the previous scan's start may hide a same-size edit
+# made within the same clock tick, so such files are re-read.  Filesystems that
+# keep whole seconds get the wide window; the narrow one covers the kernel's
+# coarse clock on filesystems with nanosecond timestamps.
+COARSE_RACY_WINDOW_NS = 2_000_000_000
+FINE_RACY_WINDOW_NS = 100_000_000
+TIMESTAMPS_SAMPLED = 256
 
 
 @dataclass(slots=True)
@@ -87,10 +91,18 @@ def scan(
     return result
 
 
-def is_racy(entry: Entry, previous_scan_ns: int) -> bool:
+def racy_window(found: list[Found]) -> int:
+    """The racy window for this tree, judged from the timestamps it shows."""
+    sampled = [item.stat.st_mtime_ns for item in found[:TIMESTAMPS_SAMPLED]]
+    if any(mtime % 1_000_000_000 for mtime in sampled):
+        return FINE_RACY_WINDOW_NS
+    return COARSE_RACY_WINDOW_NS
+
+
+def is_racy(entry: Entry, previous_scan_ns: int, window_ns: int) -> bool:
     """True when an unchanged stat may still hide an edit (git's racy case)."""
     newest = max(entry.mtime_ns, entry.ctime_ns or 0)
-    return newest >= previous_scan_ns - RACY_WINDOW_NS
+    return newest >= previous_scan_ns - window_ns
 
 
 def stat_matches(entry: Entry, found: Found) -> bool:

@@ -29,24 +29,33 @@ from deltatar.delta import Settings
 NAMES = ["a", "b", "sub", os.fsdecode(b"n\xff"), "x y"]
 PATHS = [
     "/".join(parts)
-    for parts in [(n,) for n in NAMES] + [(d, n) for d in ("sub", "b") for n in NAMES[:3]]
+    for parts in [(n,) for n in NAMES]
+    + [(d, n) for d in ("sub", "b") for n in NAMES[:3]]
 ]
 LINK_TARGETS = ["a", "../a", "/etc/passwd", "missing/target", ".", "sub/a"]
 MODES = [0o644, 0o600, 0o755, 0o700, 0o444, 0o750]
 KINDS_OF_CONTENT = ["empty", "text", "binary", "large", "zeros"]
 
 mutation = st.one_of(
-    st.tuples(st.just("write"), st.sampled_from(PATHS), st.sampled_from(KINDS_OF_CONTENT),
-              st.integers(0, 2**16)),
+    st.tuples(
+        st.just("write"),
+        st.sampled_from(PATHS),
+        st.sampled_from(KINDS_OF_CONTENT),
+        st.integers(0, 2**16),
+    ),
     st.tuples(st.just("append"), st.sampled_from(PATHS), st.integers(1, 5000)),
-    st.tuples(st.just("edit_keep_mtime"), st.sampled_from(PATHS), st.integers(0, 2**16)),
+    st.tuples(
+        st.just("edit_keep_mtime"), st.sampled_from(PATHS), st.integers(0, 2**16)
+    ),
     st.tuples(st.just("edit_in_place"), st.sampled_from(PATHS), st.integers(0, 2**16)),
     st.tuples(st.just("truncate"), st.sampled_from(PATHS), st.integers(0, 3000)),
     st.tuples(st.just("delete"), st.sampled_from(PATHS)),
     st.tuples(st.just("rename"), st.sampled_from(PATHS), st.sampled_from(PATHS)),
     st.tuples(st.just("mkdir"), st.sampled_from(PATHS)),
     st.tuples(st.just("chmod"), st.sampled_from(PATHS), st.sampled_from(MODES)),
-    st.tuples(st.just("symlink"), st.sampled_from(PATHS), st.sampled_from(LINK_TARGETS)),
+    st.tuples(
+        st.just("symlink"), st.sampled_from(PATHS), st.sampled_from(LINK_TARGETS)
+    ),
     st.tuples(st.just("hardlink"), st.sampled_from(PATHS), st.sampled_from(PATHS)),
     st.tuples(st.just("touch"), st.sampled_from(PATHS), st.integers(0, 2**31)),
     st.tuples(st.just("fifo"), st.sampled_from(PATHS)),
@@ -103,7 +112,9 @@ def apply_mutation(root: Path, step: tuple) -> None:
     others = [step[2]] if kind in ("rename", "hardlink") else []
     if any(_reaches_through_link(root, name) for name in [relative, *others]):
         return
-    if kind in ("write", "mkdir", "symlink", "fifo") and not _parent_ready(root, relative):
+    if kind in ("write", "mkdir", "symlink", "fifo") and not _parent_ready(
+        root, relative
+    ):
         return
     if kind == "write":
         if path.is_dir() and not path.is_symlink():
@@ -133,7 +144,11 @@ def apply_mutation(root: Path, step: tuple) -> None:
     elif kind == "hardlink":
         _hardlink(root, relative, step[2])
     elif kind == "touch" and (path.exists() or path.is_symlink()):
-        os.utime(path, ns=(step[2] * 10**9 + 123, step[2] * 10**9 + 123), follow_symlinks=False)
+        os.utime(
+            path,
+            ns=(step[2] * 10**9 + 123, step[2] * 10**9 + 123),
+            follow_symlinks=False,
+        )
     elif kind == "fifo" and not path.exists() and not path.is_symlink():
         os.mkfifo(path)
 

@@ -1,0 +1,61 @@
+"""Where the benchmark's directory histories come from.
+
+A workload is anything with ``apply_visit(root, visit, rng, scale)``: called
+with visits 1, 2, 3, ... and one ``random.Random``, it turns ``root`` into the
+state after that visit.  deltatar ships one (``deltatar.simulate``).  Two more
+live outside the repository, in ``../shared/workloads`` next to the checkout;
+they are loaded by file path because that directory is not a package and may
+be absent, in which case the benchmark runs without them and says so.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import random
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SHARED_WORKLOADS = REPO_ROOT.parent / "shared" / "workloads"
+SHARED_NAMES = ("attractor", "generic")
+
+ApplyVisit = Callable[[Path, int, random.Random, float], None]
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    origin: str
+    apply_visit: ApplyVisit
+
+
+def discover() -> tuple[dict[str, Workload], list[str]]:
+    """The workloads that can run, and one note for each that cannot."""
+    from deltatar import simulate
+
+    found = {"simulate": Workload("simulate", "deltatar.simulate", simulate.apply_visit)}
+    notes: list[str] = []
+
+    for name in SHARED_NAMES:
+        path = SHARED_WORKLOADS / f"{name}.py"
+        if not path.is_file():
+            notes.append(f"workload {name} skipped: {path} does not exist")
+            continue
+        module = _load_by_path(name, path)
+        found[name] = Workload(name, str(path), module.apply_visit)
+
+    return found, notes
+
+
+def _load_by_path(name: str, path: Path) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"bench_workload_{name}", path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot load workload {name} from {path}")
+    module = importlib.util.module_from_spec(spec)
+    # Dataclasses defined in the module look themselves up in sys.modules.
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
