@@ -362,6 +362,25 @@ def test_symlinks_leaving_the_tree_materialize_as_links(
     assert count(second["changed"]) <= 1, second
 
 
+def test_forced_materialize_never_writes_through_links_in_dest(
+    visits: Visits, tmp_path: Path
+) -> None:
+    # A destination that already holds links to the outside under names the
+    # visit uses must have those links replaced, not written through.
+    _links_leaving_the_tree(visits, tmp_path)
+    outside = tmp_path / "outside"
+    outside_before = tree_state(outside)
+    dest = visits.fresh_path("forced")
+    dest.mkdir()
+    os.symlink(outside, dest / "deep")
+    os.symlink(outside / "s", dest / "zz")
+
+    run_cli("materialize", "--store", visits.store, "--visit", "2", dest, "--force")
+
+    assert_same_tree(outside_before, tree_state(outside))
+    assert_same_tree(visits.references[1], dest)
+
+
 def test_store_never_holds_bytes_behind_symlinks(
     visits: Visits, tmp_path: Path
 ) -> None:
