@@ -81,7 +81,9 @@ def run(
 
     if done.returncode != 0:
         tail = done.stderr.strip().splitlines()[-8:]
-        raise ToolFailed(f"exit {done.returncode}: {' '.join(argv)}\n" + "\n".join(tail))
+        raise ToolFailed(
+            f"exit {done.returncode}: {' '.join(argv)}\n" + "\n".join(tail)
+        )
 
     return Timed(
         wall_seconds=wall,

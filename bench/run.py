@@ -29,7 +29,13 @@ if __package__ in (None, ""):
 
 from bench import report
 from bench.ideal import IdealTracker
-from bench.measure import ToolFailed, copy_tree, disk_bytes, gnu_time_available, output_of
+from bench.measure import (
+    ToolFailed,
+    copy_tree,
+    disk_bytes,
+    gnu_time_available,
+    output_of,
+)
 from bench.restore import measure_restores
 from bench.targets import cumulative_ideal, final_numbers, store_after
 from bench.tools import ALL_TOOLS, TOOL_NAMES, Deltatar, FullArchives, Tool
@@ -56,10 +62,15 @@ def main(argv: list[str] | None = None) -> int:
     tools = _tool_table(options.tool, notes)
     for note in notes:
         print(f"note: {note}", flush=True)
+    if not chosen:
+        print("nothing to run: no workload was available", file=sys.stderr)
+        return 2
 
     results = _header(options, tools, notes)
     options.out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="deltatar-bench-", dir=options.scratch) as work:
+    with tempfile.TemporaryDirectory(
+        prefix="deltatar-bench-", dir=options.scratch
+    ) as work:
         for workload in chosen:
             scratch = Path(work) / workload.name
             results["workloads"][workload.name] = _run_workload(
@@ -77,25 +88,52 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         prog="scripts/bench", description="Size and speed benchmark of deltatar."
     )
     parser.add_argument(
-        "--quick", action="store_true",
+        "--quick",
+        action="store_true",
         help=f"scale {QUICK['scale']}, {QUICK['visits']} visits "
         f"(default: scale {FULL['scale']}, {FULL['visits']} visits)",
     )
-    parser.add_argument("--workload", action="append", default=[], metavar="NAME",
-                        help="run only this workload (repeatable)")
-    parser.add_argument("--tool", action="append", default=[], metavar="NAME",
-                        choices=TOOL_NAMES, help="run only this tool (repeatable)")
+    parser.add_argument(
+        "--workload",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="run only this workload (repeatable)",
+    )
+    parser.add_argument(
+        "--tool",
+        action="append",
+        default=[],
+        metavar="NAME",
+        choices=TOOL_NAMES,
+        help="run only this tool (repeatable)",
+    )
     parser.add_argument("--visits", type=int, help="override the number of visits")
     parser.add_argument("--scale", type=float, help="override the workload scale")
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--out", type=Path, default=BENCH_DIR / "out",
-                        help="directory for results.json (default: bench/out)")
-    parser.add_argument("--report", type=Path, default=BENCH_DIR / "RESULTS.md",
-                        help="markdown report to write (default: bench/RESULTS.md)")
-    parser.add_argument("--scratch", type=Path, default=None,
-                        help="where trees and stores are built (default: the temp dir)")
-    parser.add_argument("--report-only", action="store_true",
-                        help="rewrite the report from OUT/results.json; run nothing")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=BENCH_DIR / "out",
+        help="directory for results.json (default: bench/out)",
+    )
+    parser.add_argument(
+        "--report",
+        type=Path,
+        default=BENCH_DIR / "RESULTS.md",
+        help="markdown report to write (default: bench/RESULTS.md)",
+    )
+    parser.add_argument(
+        "--scratch",
+        type=Path,
+        default=None,
+        help="where trees and stores are built (default: the temp dir)",
+    )
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="rewrite the report from OUT/results.json; run nothing",
+    )
     options = parser.parse_args(argv)
 
     preset = QUICK if options.quick else FULL
@@ -117,7 +155,9 @@ def _choose(
         if name in workloads:
             chosen.append(workloads[name])
         else:
-            notes.append(f"workload {name} not available; known: {', '.join(workloads)}")
+            notes.append(
+                f"workload {name} not available; known: {', '.join(workloads)}"
+            )
     return chosen
 
 
@@ -131,8 +171,13 @@ def _tool_table(wanted: list[str], notes: list[str]) -> dict[str, dict[str, Any]
             continue
         missing = tool.missing()
         if missing:
-            notes.append(f"{tool.name} is missing: {missing}; it is recorded as missing")
-        table[tool.name] = {"version": None if missing else tool.version(), "missing": missing}
+            notes.append(
+                f"{tool.name} is missing: {missing}; it is recorded as missing"
+            )
+        table[tool.name] = {
+            "version": None if missing else tool.version(),
+            "missing": missing,
+        }
     return table
 
 
@@ -141,7 +186,12 @@ def _header(options, tools: dict[str, Any], notes: list[str]) -> dict[str, Any]:
         "command": options.command,
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "machine": _machine(),
-        "options": {"visits": options.visits, "scale": options.scale, "seed": options.seed},
+        "revision": _revision(),
+        "options": {
+            "visits": options.visits,
+            "scale": options.scale,
+            "seed": options.seed,
+        },
         "tools": tools,
         "notes": notes,
         "workloads": {},
@@ -158,8 +208,21 @@ def _machine() -> dict[str, Any]:
         "memory_bytes": memory,
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "peak_rss_source": "GNU time %M" if gnu_time_available() else "unknown: no /usr/bin/time",
+        "peak_rss_source": "GNU time %M"
+        if gnu_time_available()
+        else "unknown: no /usr/bin/time",
     }
+
+
+def _revision() -> str:
+    """The commit measured, flagged when deltatar's sources differ from it."""
+    git = ["git", "-C", str(REPO_ROOT)]
+    commit = output_of([*git, "rev-parse", "--short", "HEAD"])
+    changed = output_of([*git, "status", "--porcelain", "--", "deltatar"])
+    count = len(changed.splitlines())
+    return commit + (
+        f" plus uncommitted changes to {count} deltatar files" if count else ""
+    )
 
 
 # -- one workload -------------------------------------------------------------
@@ -174,7 +237,10 @@ def _run_workload(
     kept_visits = {1, max(1, options.visits // 2), options.visits}
     copies: dict[int, Path] = {}
     rows: list[dict[str, Any]] = []
-    print(f"== {workload.name}: {options.visits} visits at scale {options.scale}", flush=True)
+    print(
+        f"== {workload.name}: {options.visits} visits at scale {options.scale}",
+        flush=True,
+    )
 
     for visit in range(1, options.visits + 1):
         workload.apply_visit(tree, visit, rng, options.scale)
@@ -211,7 +277,9 @@ def _append(tool: Tool, tree: Path, visit: int) -> dict[str, Any]:
     return {"store_bytes": tool.store_bytes(), **timed.summary(), **tool.details(timed)}
 
 
-def _restores(tools: list[Tool], copies: dict[int, Path], scratch: Path) -> dict[str, Any]:
+def _restores(
+    tools: list[Tool], copies: dict[int, Path], scratch: Path
+) -> dict[str, Any]:
     deltatar = next((tool for tool in tools if isinstance(tool, Deltatar)), None)
     if deltatar is None:
         return {"error": "deltatar did not record every visit; restores not timed"}

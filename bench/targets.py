@@ -64,7 +64,9 @@ def _verdicts(
     incremental, full = sizes.get("tar-incremental"), sizes.get("full")
     verdicts = {
         "store_vs_ideal": _at_most(store, ideal, IDEAL_FACTOR),
-        "store_vs_tar_incremental": _at_most(store, incremental, TAR_INCREMENTAL_FACTOR),
+        "store_vs_tar_incremental": _at_most(
+            store, incremental, TAR_INCREMENTAL_FACTOR
+        ),
         "full_archives_vs_store": _at_least(full, store, FULL_ARCHIVES_FACTOR),
     }
     # Whether a target can be met at all: if even the ideal is above half of
@@ -90,7 +92,9 @@ def _at_most(value: int | None, reference: int | None, factor: float) -> dict[st
     return {"ratio": round(ratio, 4), "target": f"<= {factor}", "met": ratio <= factor}
 
 
-def _at_least(value: int | None, reference: int | None, factor: float) -> dict[str, Any]:
+def _at_least(
+    value: int | None, reference: int | None, factor: float
+) -> dict[str, Any]:
     """value / reference must reach factor."""
     if not value or not reference:
         return {"ratio": None, "target": f">= {factor}", "met": None}

@@ -91,7 +91,10 @@ class Deltatar(Tool):
     def details(self, timed: Timed) -> dict[str, Any]:
         # Kept under its own key: deltatar's figures must not overwrite the
         # benchmark's own measurements of the same things.
-        report = json.loads(timed.stdout)
+        try:
+            report = json.loads(timed.stdout)
+        except ValueError:
+            return {"reported": None, "unparsed_stdout": timed.stdout[-2000:]}
         keys = ("bytes_stored", "layer_bytes", "store_bytes", "stored", "seconds")
         return {"reported": {key: report.get(key) for key in keys}}
 
@@ -106,7 +109,9 @@ class FullArchives(Tool):
 
     def record(self, tree: Path, visit: int) -> Timed:
         target = self.archive(visit)
-        return run_shell(f"tar -cf - -C {quote(tree)} . | zstd -3 -q -o {quote(target)}")
+        return run_shell(
+            f"tar -cf - -C {quote(tree)} . | zstd -3 -q -o {quote(target)}"
+        )
 
     def archive(self, visit: int) -> Path:
         return self.store / f"visit_{visit:04d}.tar.zst"
@@ -178,8 +183,12 @@ class Borg(Tool):
 
     def record(self, tree: Path, visit: int) -> Timed:
         argv = [
-            "borg", "create", "--compression", "zstd,3",
-            f"{self.store}::visit-{visit:04d}", ".",
+            "borg",
+            "create",
+            "--compression",
+            "zstd,3",
+            f"{self.store}::visit-{visit:04d}",
+            ".",
         ]
         return run(argv, cwd=tree, env=self.environment())
 

@@ -36,7 +36,9 @@ def discover() -> tuple[dict[str, Workload], list[str]]:
     """The workloads that can run, and one note for each that cannot."""
     from deltatar import simulate
 
-    found = {"simulate": Workload("simulate", "deltatar.simulate", simulate.apply_visit)}
+    found = {
+        "simulate": Workload("simulate", "deltatar.simulate", simulate.apply_visit)
+    }
     notes: list[str] = []
 
     for name in SHARED_NAMES:

@@ -8,7 +8,6 @@ objects no head names, which the next writer deletes.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import stat
@@ -18,7 +17,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import manifest as manifest_module
 from .content import ContentSource
 from .delta import RESERVED_PREFIX, LayerBuilder, Settings
 from .errors import UsageError
@@ -70,7 +68,7 @@ def append_visit(
         result = scan(src, own_store, exclusion_spec(src, list(excludes)), strict)
         _guard_nested_archives(src, result, previous, head, exclude_nested_archives)
         layer_name = store.new_object_name("layers", visit, ".tar.zst")
-        builder = _builder(store, head, layer_name, is_base=previous is None)
+        builder = _builder(store, head, previous, layer_name)
         try:
             entries, counts = _record_entries(
                 src, result.found, previous, builder, checksum, progress
@@ -83,9 +81,14 @@ def append_visit(
             raise
         store.backend.put_file(layer_name, builder.writer.path)
         counts.problems = result.problems + counts.problems
-        info = {"message": message, "racy_window_ns": racy_window(result.found)}
+        info = {
+            "message": _printable(message),
+            "racy_window_ns": racy_window(result.found),
+        }
         manifest = Manifest(visit, entries, scan_started, info)
-        record = _add_visit(store, head, manifest, layer_name, builder, counts)
+        record = _add_visit(
+            store, head, manifest, previous, layer_name, builder, counts
+        )
         record.deleted = len(tombstones)
         store.commit_head(head, token)
     logger.info(
@@ -97,6 +100,13 @@ def append_visit(
         record.bytes_stored,
     )
     return record
+
+
+def _printable(message: str) -> str:
+    """Messages are stored as UTF-8; undecodable bytes become escapes."""
+    return message.encode("utf-8", "surrogateescape").decode(
+        "utf-8", "backslashreplace"
+    )
 
 
 def _check_source(src: Path, store) -> None:
@@ -138,13 +148,14 @@ def _guard_nested_archives(src: Path, result, previous, head, skip: bool) -> Non
     )
 
 
-def _builder(store, head, layer_name: str, is_base: bool) -> LayerBuilder:
+def _builder(store, head, previous: Manifest | None, layer_name: str) -> LayerBuilder:
     settings: Settings = store.settings()
     staging = store.backend.scratch_dir() / Path(layer_name).name
     writer = LayerWriter(
         staging, settings.level, settings.thread_count(), store.location
     )
-    index = {} if is_base else store.content_index(head)
+    is_base = previous is None
+    index = {} if is_base else store.content_index(head, previous)
     source = ContentSource(store.backend)
     return LayerBuilder(writer, layer_name, is_base, index, source, settings)
 
@@ -421,25 +432,29 @@ def write_tombstones(builder: LayerBuilder, tombstones: list[str]) -> None:
 
 
 def _add_visit(
-    store, head, manifest: Manifest, layer_name: str, builder, counts: Counts
+    store,
+    head,
+    manifest: Manifest,
+    previous: Manifest | None,
+    layer_name: str,
+    builder: LayerBuilder,
+    counts: Counts,
 ) -> VisitRecord:
     """Write the manifest and contents list and add the visit to ``head``.
 
     The caller commits the head; until then the new objects are invisible.
     """
-    visit, entries = manifest.visit, manifest.entries
-    manifest_name = store.new_object_name("manifests", visit, ".json.zst")
-    manifest_bytes = store.put_compressed(
-        manifest_name, manifest_module.encode(manifest)
+    manifest_name, reference, contents_name, stored = store.save_visit(
+        manifest, previous, head.latest()
     )
-    contents_name = store.new_object_name("contents", visit, ".json.zst")
-    contents_bytes = store.put_compressed(contents_name, contents_json(builder))
+    entries = manifest.entries
     record = VisitRecord(
-        visit=visit,
+        visit=manifest.visit,
         time_ns=time.time_ns(),
         message=manifest.info["message"],
         layer=layer_name,
         manifest=manifest_name,
+        manifest_reference=reference,
         contents=contents_name,
         kind="base" if builder.is_base else "delta",
         tree_digest=manifest.tree_digest(),
@@ -449,17 +464,9 @@ def _add_visit(
         changed=counts.changed,
         metadata_only=counts.metadata_only,
         layer_bytes=store.backend.size(layer_name),
-        manifest_bytes=manifest_bytes + contents_bytes,
+        manifest_bytes=stored,
         stored=builder.tally.as_dict() | {"problems": len(counts.problems)},
     )
     head.visits.append(record)
-    head.next_visit = visit + 1
+    head.next_visit = manifest.visit + 1
     return record
-
-
-def contents_json(builder: LayerBuilder) -> bytes:
-    contents = {
-        content_id: [stored.size, stored.recipe, stored.block_ids]
-        for content_id, stored in builder.tally.stored_contents.items()
-    }
-    return json.dumps(contents, separators=(",", ":")).encode()

@@ -128,7 +128,7 @@ class LocalBackend(Backend):
             with open(self._path(name), "rb") as handle:
                 handle.seek(offset)
                 data = handle.read() if length is None else handle.read(length)
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             raise CorruptStore(
                 f"{self.location}: object {name} is missing; "
                 "run 'deltatar verify' to see which visits are affected"
@@ -303,7 +303,7 @@ def _no_space_guard(location: str) -> Iterator[None]:
     except OSError as error:
         if error.errno in (errno.ENOSPC, errno.EDQUOT):
             raise NoSpace(
-                f"{location}: no space left on the store's filesystem; "
+                f"{location}: no space left on device; "
                 "free some space and run the command again"
             ) from error
         raise

@@ -19,14 +19,13 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from . import manifest as manifest_module
-from .append import contents_json, tombstones_between, write_tombstones
+from .append import tombstones_between, write_tombstones
 from .content import ContentSource
-from .delta import LayerBuilder, StoredContent
+from .delta import LayerBuilder
 from .errors import NoSpace, UsageError
 from .head import Head, VisitRecord, format_ranges
 from .layer import LayerWriter
-from .manifest import FILE, Entry, Manifest
+from .manifest import FILE, Entry, Manifest, StoredContent
 
 logger = logging.getLogger(__name__)
 
@@ -45,10 +44,11 @@ def compact_store(
         report = _report(store, head, kept, dropped)
         if dry_run or not kept:
             return report
-        _check_free_space(store, head)
-        retired = sorted(head.referenced_objects())
+        _check_free_space(store, _to_rewrite(kept))
+        before = head.referenced_objects()
         head.visits = _rebuild(store, kept)
-        head.garbage = sorted(set(head.garbage) | set(retired))
+        retired = before - head.referenced_objects()
+        head.garbage = sorted(set(head.garbage) | retired)
         store.commit_head(head, token)
         store.collect_garbage(*store.read_head_with_token())
     report["store_bytes_after"] = store.disk_usage()
@@ -66,17 +66,27 @@ def _report(store, head: Head, kept: list[VisitRecord], dropped: list[VisitRecor
         "kept": format_ranges([record.visit for record in kept]),
         "dropped": [record.visit for record in dropped],
         "store_bytes_before": store.disk_usage(),
-        "bytes_to_rewrite": sum(record.layer_bytes for record in head.visits),
+        "bytes_to_rewrite": sum(record.layer_bytes for record in _to_rewrite(kept)),
     }
 
 
-def _check_free_space(store, head: Head) -> None:
-    needed = int(SPACE_MARGIN * sum(r.bytes_stored for r in head.visits))
+def _to_rewrite(kept: list[VisitRecord]) -> list[VisitRecord]:
+    """The kept visits whose objects compaction writes anew.
+
+    A kept visit that is already a base stays as it is: its layer holds
+    every byte of its visit, so rewriting it would cost I/O and free nothing.
+    """
+    return kept[1:] if kept and kept[0].kind == "base" else kept
+
+
+def _check_free_space(store, rewritten: list[VisitRecord]) -> None:
+    needed = int(SPACE_MARGIN * sum(r.bytes_stored for r in rewritten))
     free = store.backend.free_bytes()
     if free is not None and free < needed:
         raise NoSpace(
-            f"{store.location}: compaction needs about {needed} bytes free, "
-            f"only {free} are; free some space or compact with --keep-last"
+            f"{store.location}: no space for compaction: it needs about "
+            f"{needed} bytes free and only {free} are; free some space or "
+            "compact with --keep-last"
         )
 
 
@@ -86,7 +96,12 @@ def _rebuild(store, kept: list[VisitRecord]) -> list[VisitRecord]:
     index: dict[str, StoredContent] = {}
     previous: Manifest | None = None
     records = []
-    for record in kept:
+    rewritten = _to_rewrite(kept)
+    if len(rewritten) < len(kept):
+        records.append(kept[0])
+        previous = store.load_manifest(kept[0])
+        index.update(previous.content_index())
+    for record in rewritten:
         manifest = store.load_manifest(record)
         layer_name = store.new_object_name("layers", record.visit, ".tar.zst")
         staging = store.backend.scratch_dir() / Path(layer_name).name
@@ -107,7 +122,9 @@ def _rebuild(store, kept: list[VisitRecord]) -> list[VisitRecord]:
         rebuilt = Manifest(
             record.visit, entries, manifest.scan_started_ns, manifest.info
         )
-        records.append(_store_rebuilt(store, record, layer_name, rebuilt, builder))
+        previous_record = records[-1] if records else None
+        names = store.save_visit(rebuilt, previous, previous_record)
+        records.append(_rebuilt_record(store, record, layer_name, names, builder))
         previous = rebuilt
     return records
 
@@ -165,21 +182,17 @@ def _join(parts) -> bytes | int:
     return b"".join(bytes(p) if isinstance(p, int) else p for p in collected)
 
 
-def _store_rebuilt(
-    store, record: VisitRecord, layer_name: str, manifest: Manifest, builder
+def _rebuilt_record(
+    store, record: VisitRecord, layer_name: str, names: tuple, builder: LayerBuilder
 ) -> VisitRecord:
-    manifest_name = store.new_object_name("manifests", record.visit, ".json.zst")
-    contents_name = store.new_object_name("contents", record.visit, ".json.zst")
-    manifest_bytes = store.put_compressed(
-        manifest_name, manifest_module.encode(manifest)
-    )
-    contents_bytes = store.put_compressed(contents_name, contents_json(builder))
+    manifest_name, reference, contents_name, stored = names
     return dataclasses.replace(
         record,
         layer=layer_name,
         manifest=manifest_name,
+        manifest_reference=reference,
         contents=contents_name,
         kind="base" if builder.is_base else "delta",
         layer_bytes=store.backend.size(layer_name),
-        manifest_bytes=manifest_bytes + contents_bytes,
+        manifest_bytes=stored,
     )

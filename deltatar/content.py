@@ -169,3 +169,13 @@ def apply_patch(patch: bytes, reference: bytes, out_length: int, where: str) -> 
     if len(data) != out_length:
         raise CorruptStore(f"{where}: patch yields {len(data)} bytes, not {out_length}")
     return data
+
+
+def apply_patch_unsized(patch: bytes, reference: bytes, where: str) -> bytes:
+    """Apply a patch whose output size the frame header records."""
+    prefix = pyzstd.ZstdDict(reference, is_raw=True).as_prefix
+    options = {pyzstd.DParameter.windowLogMax: PATCH_WINDOW_LOG}
+    try:
+        return pyzstd.decompress(patch, prefix, options)
+    except pyzstd.ZstdError as error:
+        raise CorruptStore(f"{where}: patch does not apply ({error})") from None

@@ -26,7 +26,7 @@ import logging
 import os
 import tarfile
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import pyzstd
@@ -51,6 +51,7 @@ from .manifest import (
     SYMLINK,
     Entry,
     Recipe,
+    StoredContent,
 )
 
 logger = logging.getLogger(__name__)
@@ -76,15 +77,6 @@ class Settings:
 
 
 @dataclass(slots=True)
-class StoredContent:
-    """A content the store can rebuild, as kept in the content index."""
-
-    size: int
-    recipe: Recipe
-    block_ids: list[str] | None = None
-
-
-@dataclass(slots=True)
 class Tally:
     """How many bytes this layer stored, and how it saved the rest."""
 
@@ -93,7 +85,6 @@ class Tally:
     patch_bytes: int = 0
     block_bytes: int = 0
     deduplicated_bytes: int = 0
-    stored_contents: dict[str, StoredContent] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, int]:
         new_bytes = self.full_bytes + self.tail_bytes + self.patch_bytes
@@ -289,9 +280,7 @@ class LayerBuilder:
         )
         self.tally.block_bytes += length
         piece = [RAW, self.layer_name, offset, length]
-        if block_id not in self.index:
-            stored = StoredContent(length, [piece])
-            self.index[block_id] = self.tally.stored_contents[block_id] = stored
+        self.index.setdefault(block_id, StoredContent(length, [piece]))
         return piece, block_id
 
     def _index_block(self, block_id: str) -> list[Any] | None:
@@ -305,7 +294,6 @@ class LayerBuilder:
         if entry.content_id not in self.index:
             stored = StoredContent(entry.size, entry.recipe, entry.block_ids)
             self.index[entry.content_id] = stored
-            self.tally.stored_contents[entry.content_id] = stored
 
 
 class _StreamingMember:

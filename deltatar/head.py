@@ -38,13 +38,15 @@ class VisitRecord:
     layer_bytes: int = 0
     manifest_bytes: int = 0
     stored: dict[str, int] = field(default_factory=dict)
+    manifest_reference: str = ""
 
     @property
     def bytes_stored(self) -> int:
         return self.layer_bytes + self.manifest_bytes
 
     def objects(self) -> list[str]:
-        return [self.layer, self.manifest, self.contents]
+        names = [self.layer, self.manifest, self.contents]
+        return names + ([self.manifest_reference] if self.manifest_reference else [])
 
 
 @dataclass(slots=True)

@@ -131,8 +131,12 @@ class LayerWriter:
         return summary
 
     def abort(self) -> None:
+        """Drop the unfinished layer; closing may fail again on a full disk."""
         self._pool.shutdown(cancel_futures=True)
-        self._file.close()
+        try:
+            self._file.close()
+        except OSError:
+            pass
         self.path.unlink(missing_ok=True)
 
     def _write(self, data: bytes) -> None:
@@ -236,7 +240,12 @@ class LayerReader:
             offset += len(piece)
             index += 1
 
-    def frame(self, index: int) -> bytes:
+    def check_all_frames(self) -> None:
+        """Decompress every frame once, so damage anywhere is found."""
+        for index in range(self.frame_count):
+            self.frame(index, keep=False)
+
+    def frame(self, index: int, keep: bool = True) -> bytes:
         key = (self.name, index)
         cached = self.cache.get(key)
         if cached is not None:
@@ -256,7 +265,8 @@ class LayerReader:
                 f"{self.name}: frame {index} holds {len(frame)} bytes, "
                 f"the seek table says {raw_size}"
             )
-        self.cache.put(key, frame)
+        if keep:
+            self.cache.put(key, frame)
         return frame
 
     def _load_seek_table(self) -> None:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import xxhash
 
+from .backend import no_space_guard
 from .content import ContentSource, validate
 from .errors import CorruptStore, UsageError
 from .head import VisitRecord
@@ -57,7 +58,8 @@ def materialize_visit(
         entries = _select(manifest, paths, record)
         check_entries(entries, record, devices)
         _prepare_destination(dest, force, store)
-        _write_tree(store, dest, entries, record, progress)
+        with no_space_guard(str(dest)):
+            _write_tree(store, dest, entries, record, progress)
     logger.info("visit %d materialized into %s", record.visit, dest)
     return record
 

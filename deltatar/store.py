@@ -35,10 +35,11 @@ import pyzstd
 from . import head as head_module
 from . import manifest as manifest_module
 from .backend import Backend, LocalBackend
-from .delta import Settings, StoredContent
+from .content import apply_patch_unsized, make_patch
+from .delta import Settings
 from .errors import CorruptStore, StoreNotFound, UnsupportedFormat, UsageError
 from .head import Head, VisitRecord
-from .manifest import Manifest
+from .manifest import Manifest, StoredContent, gc_paused
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +47,7 @@ STORE_VERSION = 1
 HEADER_NAME = "deltatar-store.json"
 CONFIG_NAME = "config.json"
 LOCK_TIMEOUT = 60.0
+PATCHED_MANIFEST_SHARE = 0.25
 OBJECT_DIRS = ("layers", "manifests", "contents")
 SETTING_BOUNDS = {
     "level": (-7, 22),
@@ -63,6 +65,7 @@ class Store:
         self.backend = backend
         self.location = backend.location
         self.lock_timeout = LOCK_TIMEOUT
+        self._raw_cache: dict[str, bytes] = {}
 
     # -- opening -------------------------------------------------------------
 
@@ -90,6 +93,9 @@ class Store:
         return cls.open(path)
 
     def _check_header(self) -> None:
+        root = getattr(self.backend, "root", None)
+        if root is not None and root.exists() and not root.is_dir():
+            raise StoreNotFound(f"{self.location}: is a file, not a deltatar store")
         try:
             data = self.backend.read(HEADER_NAME)
         except CorruptStore:
@@ -115,7 +121,8 @@ class Store:
         """Record the current state of ``src`` as the next visit."""
         from .append import append_visit
 
-        return append_visit(self, Path(src), **options)
+        with gc_paused():
+            return append_visit(self, Path(src), **options)
 
     def materialize(
         self, visit: int | str | None, dest: str | os.PathLike[str], **options: Any
@@ -123,13 +130,15 @@ class Store:
         """Rebuild the exact tree of ``visit`` (None: the latest) in ``dest``."""
         from .materialize import materialize_visit
 
-        return materialize_visit(self, visit, Path(dest), **options)
+        with gc_paused():
+            return materialize_visit(self, visit, Path(dest), **options)
 
     def compact(self, keep_last: int | None = None, **options: Any) -> dict[str, Any]:
         """Squash the chain into a new base, dropping visits older than kept."""
         from .compact import compact_store
 
-        return compact_store(self, keep_last=keep_last, **options)
+        with gc_paused():
+            return compact_store(self, keep_last=keep_last, **options)
 
     def verify(self, visit: int | str | None = None, quick: bool = False) -> list[str]:
         """Check layers and manifests; return one line per problem found."""
@@ -158,7 +167,7 @@ class Store:
         self.backend.swap_head(head_module.encode(head), token)
 
     def load_manifest(self, record: VisitRecord) -> Manifest:
-        data = self._read_object(record.manifest)
+        data = self._manifest_bytes(record.manifest, record.manifest_reference)
         manifest = manifest_module.decode(data, record.manifest)
         if manifest.visit != record.visit:
             raise CorruptStore(
@@ -167,24 +176,99 @@ class Store:
             )
         return manifest
 
-    def load_contents(self, record: VisitRecord) -> dict[str, StoredContent]:
+    def save_manifest(self, manifest: Manifest, reference: str) -> tuple[str, int, str]:
+        """Store a manifest, as a patch against ``reference`` when that pays.
+
+        Consecutive manifests differ in a few lines, so a zstd patch against
+        the last full manifest costs bytes in proportion to what changed.
+        The reference is always a full manifest: reading one never takes
+        more than two objects.  Returns (name, stored bytes, reference used).
+        """
+        name = self.new_object_name("manifests", manifest.visit, ".json.zst")
+        raw = manifest_module.encode(manifest)
+        full = None
+        if reference:
+            patch = make_patch(raw, self._raw_manifest(reference), 3)
+            if len(patch) <= PATCHED_MANIFEST_SHARE * self.backend.size(reference):
+                self.backend.put_bytes(name, patch)
+                return name, len(patch), reference
+        full = pyzstd.compress(raw, 3)
+        self.backend.put_bytes(name, full)
+        self._raw_cache = {name: raw}
+        return name, len(full), ""
+
+    def save_visit(
+        self, manifest: Manifest, previous: Manifest | None, previous_record
+    ) -> tuple[str, str, str, int]:
+        """Store a visit's manifest and contents list.
+
+        Returns (manifest name, manifest reference, contents name, bytes).
+        """
+        reference = ""
+        if previous_record is not None:
+            reference = previous_record.manifest_reference or previous_record.manifest
+        manifest_name, manifest_bytes, used = self.save_manifest(manifest, reference)
+        departed: dict[str, StoredContent] = {}
+        if previous is not None:
+            now = manifest.content_index()
+            before = previous.content_index()
+            departed = {key: value for key, value in before.items() if key not in now}
+        contents_name, contents_bytes = self.save_departed(manifest.visit, departed)
+        return manifest_name, used, contents_name, manifest_bytes + contents_bytes
+
+    def load_departed(self, record: VisitRecord) -> dict[str, StoredContent]:
         document = json.loads(self._read_object(record.contents))
         return {
             content_id: StoredContent(size, recipe, block_ids)
             for content_id, (size, recipe, block_ids) in document.items()
         }
 
-    def content_index(self, head: Head) -> dict[str, StoredContent]:
-        """Every content any kept visit introduced: the dedup index."""
+    def save_departed(
+        self, visit: int, departed: dict[str, StoredContent]
+    ) -> tuple[str, int]:
+        """Store the contents that left the tree at ``visit`` (see content_index)."""
+        document = {
+            content_id: [stored.size, stored.recipe, stored.block_ids]
+            for content_id, stored in departed.items()
+        }
+        name = self.new_object_name("contents", visit, ".json.zst")
+        size = self.put_compressed(
+            name, json.dumps(document, separators=(",", ":")).encode()
+        )
+        return name, size
+
+    def content_index(self, head: Head, latest: Manifest) -> dict[str, StoredContent]:
+        """Every content any kept visit holds: the dedup index of an append.
+
+        A content is either in the latest visit or left the tree at some
+        visit, where that visit's contents list recorded it; so the latest
+        manifest plus all contents lists cover every kept visit while each
+        list stays as small as what changed.
+        """
         index: dict[str, StoredContent] = {}
         for record in head.visits:
-            index.update(self.load_contents(record))
+            index.update(self.load_departed(record))
+        index.update(latest.content_index())
         return index
 
     def put_compressed(self, name: str, data: bytes) -> int:
         compressed = pyzstd.compress(data, 3)
         self.backend.put_bytes(name, compressed)
         return len(compressed)
+
+    def _manifest_bytes(self, name: str, reference: str) -> bytes:
+        if not reference:
+            return self._raw_manifest(name)
+        patch = self.backend.read(name)
+        return apply_patch_unsized(patch, self._raw_manifest(reference), name)
+
+    def _raw_manifest(self, name: str) -> bytes:
+        """A full manifest's JSON, keeping the last one read for the next patch."""
+        cached = self._raw_cache.get(name)
+        if cached is None:
+            cached = self._read_object(name)
+            self._raw_cache = {name: cached}
+        return cached
 
     def _read_object(self, name: str) -> bytes:
         compressed = self.backend.read(name)

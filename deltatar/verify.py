@@ -43,32 +43,55 @@ def _verify_visit(
     try:
         manifest = store.load_manifest(record)
         check_entries(manifest.entries, record, devices=True)
-        store.load_contents(record)
+        departed = store.load_departed(record)
     except (DeltatarError, ValueError) as error:
         return [f"{where}: {error}"]
     if manifest.tree_digest() != record.tree_digest:
         return [f"{where}: manifest does not match the tree digest in the head"]
-    problems = []
+    problems = _verify_layer(source, record.layer, quick, checked)
+    problems = [f"{where}: {problem}" for problem in problems]
     for entry in manifest.entries:
         if entry.type != FILE or entry.hardlink_of is not None:
             continue
-        problem = _verify_content(source, entry, quick, checked)
+        problem = _verify_content(
+            source, entry.content_id, entry.recipe, quick, checked
+        )
         if problem:
             problems.append(f"{where}: {entry.path!r}: {problem}")
+    for content_id, stored in departed.items():
+        problem = _verify_content(source, content_id, stored.recipe, quick, checked)
+        if problem:
+            problems.append(f"{where}: contents list entry {content_id}: {problem}")
     return problems
 
 
+def _verify_layer(
+    source: ContentSource, layer: str, quick: bool, checked: dict
+) -> list[str]:
+    """Check a visit's own layer whole: frames no recipe reads matter to tar users."""
+    key = f"layer:{layer}"
+    if key not in checked:
+        try:
+            reader = source.reader(layer)
+            if not quick:
+                reader.check_all_frames()
+            checked[key] = None
+        except CorruptStore as error:
+            checked[key] = str(error)
+    return [checked[key]] if checked[key] else []
+
+
 def _verify_content(
-    source: ContentSource, entry, quick: bool, checked: dict
+    source: ContentSource, content_id, recipe, quick: bool, checked: dict
 ) -> str | None:
-    key = entry.content_id if not quick else f"quick:{entry.content_id}"
+    key = (content_id, quick, repr(recipe))
     if key in checked:
         return checked[key]
     try:
         if quick:
-            _check_ranges(source, entry.recipe or [])
+            _check_ranges(source, recipe or [])
         else:
-            source.read_verified(entry.recipe or [], entry.content_id, entry.path)
+            source.read_verified(recipe or [], content_id, content_id)
         problem = None
     except CorruptStore as error:
         problem = str(error)

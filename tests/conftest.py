@@ -459,3 +459,24 @@ class Visits:
 def visits(tmp_path: Path) -> Visits:
     """A fresh source tree ``tmp_path/src`` with its store at ``tmp_path/store``."""
     return Visits(tmp_path)
+
+
+# ---------------------------------------------------------- raw manifests
+
+
+def manifest_document(raw: bytes) -> dict:
+    """A manifest's JSON lines (docs/format.md) as one dict with ``entries``."""
+    lines = [line for line in raw.split(b"\n") if line]
+    document = json.loads(lines[0])
+    document["entries"] = [json.loads(line) for line in lines[1:]]
+    return document
+
+
+def manifest_lines(document: dict) -> bytes:
+    """The inverse of :func:`manifest_document`, for tests that craft manifests."""
+    entries = document["entries"]
+    header = dict(document, entries=len(entries) if isinstance(entries, list) else entries)
+    lines = [json.dumps(header)]
+    if isinstance(entries, list):
+        lines += [json.dumps(entry) for entry in entries]
+    return ("\n".join(lines) + "\n").encode()

@@ -116,7 +116,7 @@ class Chain:
         self.base = base
         self.src = base / "src"
         self.store = store
-        self.references: list[Path] = []
+        self.references: list[Path | None] = []  # None: compacted away
         self.src.mkdir()
         self._fresh = 0
 
@@ -137,10 +137,13 @@ class Chain:
     def assert_intact(self, head: bytes) -> None:
         """The head is unchanged and every visit verifies and restores exactly."""
         assert (self.store / "HEAD").read_bytes() == head, "the head changed"
-        assert self.visits() == list(range(1, len(self.references) + 1))
+        kept = [n for n, ref in enumerate(self.references, 1) if ref is not None]
+        assert self.visits() == kept
         verify = run_cli("verify", "--store", self.store, check=False)
         assert verify.returncode == 0, describe_run(verify, "verify after ENOSPC")
         for visit, reference in enumerate(self.references, 1):
+            if reference is None:
+                continue
             self._fresh += 1
             dest = self.base / f"m{visit}-{self._fresh}"
             run_cli("materialize", "--store", self.store, "--visit", str(visit), dest)
@@ -256,36 +259,40 @@ def test_append_retried_on_full_disk_does_not_pile_up(tmp_path, small) -> None:
 
 
 def copies_chain(base: Path, small: Path) -> Chain:
-    """A visit holding four copies of one 8 MiB file, then two small visits.
+    """An 8 MiB file, then three copies of it, then a new 4 MiB file.
 
-    The copies are stored once, but a rebuilt base holds every copy (see
-    docs/format.md), so compaction writes far more than the store holds and
-    its up-front estimate passes while the disk still fills up midway.
+    The copies arrive in a delta layer, which stores them once, but a base
+    rebuilt for their visit holds every copy (see docs/format.md): compacting
+    with ``--keep-last 2`` writes about 36 MiB for a store of about 12 MiB, so
+    the up-front estimate passes and the disk still fills up midway.
     """
     chain = Chain(base, small / "store")
-    data = _noise(8 * MIB, seed=11)
-    for name in ("a1", "a2", "a3", "a4"):
-        (chain.src / name).write_bytes(data)
+    chain.add("a", 8 * MIB, seed=11)
     chain.append()
-    for visit in (2, 3):
-        chain.add(f"b{visit}", 4 * MIB, seed=visit)
-        chain.append()
+    for name in ("a1", "a2", "a3"):
+        shutil.copyfile(chain.src / "a", chain.src / name)
+    chain.append()
+    chain.add("b", 4 * MIB, seed=12)
+    chain.append()
     return chain
 
 
-@pytest.mark.parametrize("leave_mib", [20, 34, 37])
+# Free space left: not enough for the new base; enough for the base but not
+# for the delta after it.
+@pytest.mark.parametrize("leave_mib", [20, 33])
 def test_compact_on_full_disk_changes_nothing(tmp_path, small, leave_mib) -> None:
     chain = copies_chain(tmp_path, small)
     head = (chain.store / "HEAD").read_bytes()
     filler = fill(small, leave=leave_mib * MIB)
 
-    result = run_cli("compact", "--store", chain.store, check=False)
+    result = run_cli("compact", "--store", chain.store, "--keep-last", "2", check=False)
 
     assert_no_space_error(result, chain.store)
     chain.assert_intact(head)
     filler.unlink()
-    run_cli("compact", "--store", chain.store)
+    run_cli("compact", "--store", chain.store, "--keep-last", "2")
     assert leftovers(chain.store) == []
+    chain.references[0] = None
     chain.assert_intact((chain.store / "HEAD").read_bytes())
 
 
@@ -307,7 +314,9 @@ def test_compact_with_one_mib_free_reports_no_space(tmp_path, small) -> None:
 
 def test_compact_refuses_up_front_and_says_what_it_needs(tmp_path, small) -> None:
     chain = br24_chain(tmp_path, small)
-    stored = sum(v["bytes_stored"] for v in run_json("log", "--store", chain.store, "--json")["visits"])
+    # Compaction keeps a base that stays the oldest visit and rewrites the rest.
+    visits = run_json("log", "--store", chain.store, "--json")["visits"]
+    stored = sum(v["bytes_stored"] for v in visits[1:])
     head = (chain.store / "HEAD").read_bytes()
     before = sorted(os.listdir(chain.store / "layers"))
     fill(small, leave=MIB)
