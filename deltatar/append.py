@@ -22,7 +22,7 @@ from .delta import RESERVED_PREFIX, LayerBuilder, Settings
 from .errors import UsageError
 from .head import VisitRecord
 from .layer import LayerWriter
-from .manifest import FILE, Entry, Manifest
+from .manifest import FILE, Entry, Manifest, StoredContent, departed_contents
 from .nested import find_nested_archives, suggested_pattern
 from .scan import (
     COARSE_RACY_WINDOW_NS,
@@ -69,27 +69,11 @@ def append_visit(
         _guard_nested_archives(src, result, previous, head, exclude_nested_archives)
         layer_name = store.new_object_name("layers", visit, ".tar.zst")
         builder = _builder(store, head, previous, layer_name)
-        try:
-            entries, counts = _record_entries(
-                src, result.found, previous, builder, checksum, progress
-            )
-            tombstones = tombstones_between(previous, entries)
-            write_tombstones(builder, tombstones)
-            builder.writer.finish()
-        except BaseException:
-            builder.writer.abort()
-            raise
+        written = _write_layer(src, result, previous, builder, checksum, progress)
         store.backend.put_file(layer_name, builder.writer.path)
-        counts.problems = result.problems + counts.problems
-        info = {
-            "message": _printable(message),
-            "racy_window_ns": racy_window(result.found),
-        }
-        manifest = Manifest(visit, entries, scan_started, info)
-        record = _add_visit(
-            store, head, manifest, previous, layer_name, builder, counts
-        )
-        record.deleted = len(tombstones)
+        info = {"message": _printable(message), "racy_window_ns": written.racy_window}
+        manifest = Manifest(visit, written.entries, scan_started, info)
+        record = _add_visit(store, head, manifest, written, layer_name, builder)
         store.commit_head(head, token)
     logger.info(
         "visit %d appended: %d added, %d changed, %d deleted, %d bytes stored",
@@ -100,6 +84,52 @@ def append_visit(
         record.bytes_stored,
     )
     return record
+
+
+@dataclass(slots=True)
+class _WrittenLayer:
+    """What writing a visit's layer found out, for its manifest and record."""
+
+    entries: list[Entry]
+    counts: Counts
+    tombstones: int
+    departed: dict[str, StoredContent]
+    racy_window: int
+
+
+def _write_layer(
+    src: Path,
+    result,
+    previous: Manifest | None,
+    builder: LayerBuilder,
+    checksum: bool,
+    progress: Progress | None,
+) -> _WrittenLayer:
+    """Record every entry into the builder's layer and finish the layer file."""
+    try:
+        entries, counts = _record_entries(
+            src, result.found, previous, builder, checksum, progress
+        )
+        tombstones = tombstones_between(previous, entries)
+        write_tombstones(builder, tombstones)
+        builder.writer.finish()
+    except BaseException:
+        builder.writer.abort()
+        raise
+    counts.problems = result.problems + counts.problems
+    written = _WrittenLayer(
+        entries,
+        counts,
+        len(tombstones),
+        departed_contents(previous, entries),
+        racy_window(result.found),
+    )
+    # Release the walk and the previous visit's entries before the manifest
+    # is encoded: at 200,000 files each holds about 100 MiB.
+    result.found = []
+    if previous is not None:
+        previous.entries = []
+    return written
 
 
 def _printable(message: str) -> str:
@@ -435,18 +465,18 @@ def _add_visit(
     store,
     head,
     manifest: Manifest,
-    previous: Manifest | None,
+    written: _WrittenLayer,
     layer_name: str,
     builder: LayerBuilder,
-    counts: Counts,
 ) -> VisitRecord:
     """Write the manifest and contents list and add the visit to ``head``.
 
     The caller commits the head; until then the new objects are invisible.
     """
     manifest_name, reference, contents_name, stored = store.save_visit(
-        manifest, previous, head.latest()
+        manifest, written.departed, head.latest()
     )
+    counts = written.counts
     entries = manifest.entries
     record = VisitRecord(
         visit=manifest.visit,
@@ -462,6 +492,7 @@ def _add_visit(
         tree_bytes=sum(e.size for e in entries if e.type == FILE),
         added=counts.added,
         changed=counts.changed,
+        deleted=written.tombstones,
         metadata_only=counts.metadata_only,
         layer_bytes=store.backend.size(layer_name),
         manifest_bytes=stored,

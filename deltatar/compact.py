@@ -25,7 +25,7 @@ from .delta import LayerBuilder
 from .errors import NoSpace, UsageError
 from .head import Head, VisitRecord, format_ranges
 from .layer import LayerWriter
-from .manifest import FILE, Entry, Manifest, StoredContent
+from .manifest import FILE, Entry, Manifest, StoredContent, departed_contents
 
 logger = logging.getLogger(__name__)
 
@@ -123,7 +123,8 @@ def _rebuild(store, kept: list[VisitRecord]) -> list[VisitRecord]:
             record.visit, entries, manifest.scan_started_ns, manifest.info
         )
         previous_record = records[-1] if records else None
-        names = store.save_visit(rebuilt, previous, previous_record)
+        departed = departed_contents(previous, entries)
+        names = store.save_visit(rebuilt, departed, previous_record)
         records.append(_rebuilt_record(store, record, layer_name, names, builder))
         previous = rebuilt
     return records

@@ -147,35 +147,41 @@ class ContentSource:
         return apply_patch(patch, prefix, out_length, f"{layer}@{offset}")
 
 
-def make_patch(data: bytes, reference: bytes, level: int) -> bytes:
-    """Compress ``data`` with ``reference`` as a raw prefix (zstd patch-from)."""
+def make_patch(data: bytes, reference: bytes | pyzstd.ZstdDict, level: int) -> bytes:
+    """Compress ``data`` with ``reference`` as a raw prefix (zstd patch-from).
+
+    ``reference`` may be a prepared :func:`prefix_of` to avoid copying a
+    large reference again.
+    """
     options = {
         pyzstd.CParameter.compressionLevel: max(level, 3),
         pyzstd.CParameter.windowLog: PATCH_WINDOW_LOG,
         pyzstd.CParameter.enableLongDistanceMatching: 1,
         pyzstd.CParameter.checksumFlag: 1,
     }
-    prefix = pyzstd.ZstdDict(reference, is_raw=True).as_prefix
-    return pyzstd.compress(data, options, prefix)
+    return pyzstd.compress(data, options, _prefix(reference))
 
 
-def apply_patch(patch: bytes, reference: bytes, out_length: int, where: str) -> bytes:
-    prefix = pyzstd.ZstdDict(reference, is_raw=True).as_prefix
+def prefix_of(reference: bytes) -> pyzstd.ZstdDict:
+    """A reference prepared once for many patches (zstd keeps its own copy)."""
+    return pyzstd.ZstdDict(reference, is_raw=True)
+
+
+def _prefix(reference: bytes | pyzstd.ZstdDict):
+    if not isinstance(reference, pyzstd.ZstdDict):
+        reference = prefix_of(reference)
+    return reference.as_prefix
+
+
+def apply_patch(
+    patch: bytes, reference: bytes | pyzstd.ZstdDict, out_length: int | None, where: str
+) -> bytes:
+    """Rebuild what :func:`make_patch` made; ``out_length`` None skips the check."""
     options = {pyzstd.DParameter.windowLogMax: PATCH_WINDOW_LOG}
     try:
-        data = pyzstd.decompress(patch, prefix, options)
+        data = pyzstd.decompress(patch, _prefix(reference), options)
     except pyzstd.ZstdError as error:
         raise CorruptStore(f"{where}: patch does not apply ({error})") from None
-    if len(data) != out_length:
+    if out_length is not None and len(data) != out_length:
         raise CorruptStore(f"{where}: patch yields {len(data)} bytes, not {out_length}")
     return data
-
-
-def apply_patch_unsized(patch: bytes, reference: bytes, where: str) -> bytes:
-    """Apply a patch whose output size the frame header records."""
-    prefix = pyzstd.ZstdDict(reference, is_raw=True).as_prefix
-    options = {pyzstd.DParameter.windowLogMax: PATCH_WINDOW_LOG}
-    try:
-        return pyzstd.decompress(patch, prefix, options)
-    except pyzstd.ZstdError as error:
-        raise CorruptStore(f"{where}: patch does not apply ({error})") from None

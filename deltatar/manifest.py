@@ -87,6 +87,18 @@ def content_index_of(entries: list[Entry]) -> dict[str, StoredContent]:
     return index
 
 
+def departed_contents(
+    previous: Manifest | None, entries: list[Entry]
+) -> dict[str, StoredContent]:
+    """Contents of the previous visit that no entry of this visit holds."""
+    if previous is None:
+        return {}
+    now = content_index_of(entries)
+    return {
+        key: value for key, value in previous.content_index().items() if key not in now
+    }
+
+
 @dataclass(slots=True)
 class Manifest:
     """Every entry of one visit, sorted by path, plus the visit's facts."""
@@ -150,7 +162,7 @@ def path_sort_key(entry: Entry) -> bytes:
     return entry.path.encode("utf-8", "surrogateescape")
 
 
-def encode(manifest: Manifest) -> bytes:
+def encode(manifest: Manifest) -> bytearray:
     """Serialise a manifest as JSON lines: a header, then one line per entry.
 
     One line per entry keeps encoding and decoding free of a second, whole
@@ -173,18 +185,16 @@ def encode(manifest: Manifest) -> bytes:
             document += b"\n"
             document += orjson.dumps(_entry_to_json(entry))
     document += b"\n"
-    return bytes(document)
+    return document
 
 
 def decode(data: bytes, source: str) -> Manifest:
     """Parse a manifest, refusing anything malformed with :class:`CorruptStore`."""
-    lines = data.split(b"\n")
-    header = _parse_header(lines[0], source)
+    lines = _lines(data)
+    header = _parse_header(next(lines, b""), source)
     try:
         with gc_paused():
-            entries = [
-                _entry_from_json(orjson.loads(line)) for line in lines[1:] if line
-            ]
+            entries = [_entry_from_json(orjson.loads(line)) for line in lines]
         if len(entries) != int(header["entries"]):
             raise ValueError(f"{len(entries)} entries, header says {header['entries']}")
         return Manifest(
@@ -201,6 +211,19 @@ def decode(data: bytes, source: str) -> Manifest:
         UnicodeDecodeError,
     ) as error:
         raise CorruptStore(f"{source}: manifest is malformed ({error!r})") from None
+
+
+def _lines(data: bytes) -> Iterator[memoryview]:
+    """The non-empty lines of ``data`` as views, without a list of copies."""
+    view = memoryview(data)
+    start = 0
+    while start < len(data):
+        end = data.find(b"\n", start)
+        if end < 0:
+            end = len(data)
+        if end > start:
+            yield view[start:end]
+        start = end + 1
 
 
 def _parse_header(line: bytes, source: str) -> dict[str, Any]:
@@ -248,7 +271,7 @@ def _entry_from_json(item: dict[str, Any]) -> Entry:
         raise ValueError(f"unknown entry type {entry_type!r}")
     entry = Entry(
         path=_read_name(item, "path"),
-        type=entry_type,
+        type=ENTRY_TYPES[ENTRY_TYPES.index(entry_type)],
         mode=int(item["mode"]),
         mtime_ns=int(item["mtime_ns"]),
         size=int(item.get("size", 0)),
@@ -268,6 +291,8 @@ def _interned(recipe: Any) -> Any:
     """Share one string per layer name across all pieces (memory at scale)."""
     if isinstance(recipe, list):
         for piece in recipe:
+            if isinstance(piece, list) and piece and isinstance(piece[0], str):
+                piece[0] = sys.intern(piece[0])
             if isinstance(piece, list) and len(piece) > 1 and isinstance(piece[1], str):
                 piece[1] = sys.intern(piece[1])
             if isinstance(piece, list) and len(piece) == 6:

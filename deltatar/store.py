@@ -35,7 +35,7 @@ import pyzstd
 from . import head as head_module
 from . import manifest as manifest_module
 from .backend import Backend, LocalBackend
-from .content import apply_patch_unsized, make_patch
+from .content import apply_patch, make_patch, prefix_of
 from .delta import Settings
 from .errors import CorruptStore, StoreNotFound, UnsupportedFormat, UsageError
 from .head import Head, VisitRecord
@@ -65,7 +65,7 @@ class Store:
         self.backend = backend
         self.location = backend.location
         self.lock_timeout = LOCK_TIMEOUT
-        self._raw_cache: dict[str, bytes] = {}
+        self._prefix_cache: dict[str, pyzstd.ZstdDict] = {}
 
     # -- opening -------------------------------------------------------------
 
@@ -186,21 +186,19 @@ class Store:
         """
         name = self.new_object_name("manifests", manifest.visit, ".json.zst")
         raw = manifest_module.encode(manifest)
-        full = None
         if reference:
-            patch = make_patch(raw, self._raw_manifest(reference), 3)
+            patch = make_patch(raw, self._manifest_prefix(reference), 3)
             if len(patch) <= PATCHED_MANIFEST_SHARE * self.backend.size(reference):
                 self.backend.put_bytes(name, patch)
                 return name, len(patch), reference
         full = pyzstd.compress(raw, 3)
         self.backend.put_bytes(name, full)
-        self._raw_cache = {name: raw}
         return name, len(full), ""
 
     def save_visit(
-        self, manifest: Manifest, previous: Manifest | None, previous_record
+        self, manifest: Manifest, departed: dict[str, StoredContent], previous_record
     ) -> tuple[str, str, str, int]:
-        """Store a visit's manifest and contents list.
+        """Store a visit's manifest and the contents that left the tree at it.
 
         Returns (manifest name, manifest reference, contents name, bytes).
         """
@@ -208,11 +206,6 @@ class Store:
         if previous_record is not None:
             reference = previous_record.manifest_reference or previous_record.manifest
         manifest_name, manifest_bytes, used = self.save_manifest(manifest, reference)
-        departed: dict[str, StoredContent] = {}
-        if previous is not None:
-            now = manifest.content_index()
-            before = previous.content_index()
-            departed = {key: value for key, value in before.items() if key not in now}
         contents_name, contents_bytes = self.save_departed(manifest.visit, departed)
         return manifest_name, used, contents_name, manifest_bytes + contents_bytes
 
@@ -258,16 +251,16 @@ class Store:
 
     def _manifest_bytes(self, name: str, reference: str) -> bytes:
         if not reference:
-            return self._raw_manifest(name)
+            return self._read_object(name)
         patch = self.backend.read(name)
-        return apply_patch_unsized(patch, self._raw_manifest(reference), name)
+        return apply_patch(patch, self._manifest_prefix(reference), None, name)
 
-    def _raw_manifest(self, name: str) -> bytes:
-        """A full manifest's JSON, keeping the last one read for the next patch."""
-        cached = self._raw_cache.get(name)
+    def _manifest_prefix(self, name: str) -> pyzstd.ZstdDict:
+        """A full manifest prepared as a patch reference; the last one is kept."""
+        cached = self._prefix_cache.get(name)
         if cached is None:
-            cached = self._read_object(name)
-            self._raw_cache = {name: cached}
+            cached = prefix_of(self._read_object(name))
+            self._prefix_cache = {name: cached}
         return cached
 
     def _read_object(self, name: str) -> bytes:
