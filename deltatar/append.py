@@ -37,6 +37,7 @@ from .scan import (
 logger = logging.getLogger(__name__)
 
 READ_ATTEMPTS = 3
+RECENT_WRITE_NS = 1_000_000_000
 Progress = Callable[[int, int], None]
 
 
@@ -71,7 +72,12 @@ def append_visit(
         builder = _builder(store, head, previous, layer_name)
         written = _write_layer(src, result, previous, builder, checksum, progress)
         store.backend.put_file(layer_name, builder.writer.path)
-        info = {"message": _printable(message), "racy_window_ns": written.racy_window}
+        root = src.stat()
+        info = {
+            "message": _printable(message),
+            "racy_window_ns": written.racy_window,
+            "root": {"mode": stat.S_IMODE(root.st_mode), "mtime_ns": root.st_mtime_ns},
+        }
         manifest = Manifest(visit, written.entries, scan_started, info)
         record = _add_visit(store, head, manifest, written, layer_name, builder)
         store.commit_head(head, token)
@@ -139,11 +145,16 @@ def _printable(message: str) -> str:
     )
 
 
-def _check_source(src: Path, store) -> None:
+def check_source(src: Path) -> None:
+    """Refuse a source that is missing or not a directory."""
     if not src.exists():
         raise UsageError(f"{src}: source directory does not exist")
     if not src.is_dir():
         raise UsageError(f"{src}: source is not a directory")
+
+
+def _check_source(src: Path, store) -> None:
+    check_source(src)
     store_path = Path(store.location).resolve()
     if src.resolve() == store_path or store_path in src.resolve().parents:
         raise UsageError(f"{src}: source lies inside the store {store.location}")
@@ -362,6 +373,8 @@ def _store_stable_copy(
         data = _read_all(fd, before.st_size)
         if len(data) != before.st_size or not _unchanged(before, os.fstat(fd)):
             return False
+        if _written_lately(before) and _read_all(fd, before.st_size, 0) != data:
+            return False
         builder.store_small(entry, data, old)
         return True
     finally:
@@ -384,7 +397,20 @@ def _unchanged(before: os.stat_result, after: os.stat_result) -> bool:
     )
 
 
-def _read_all(fd: int, size: int) -> bytes:
+def _written_lately(info: os.stat_result) -> bool:
+    """True when a write may have landed in the same clock tick as our read.
+
+    Timestamps come from the kernel's coarse clock, so writes during the read
+    can leave mtime and ctime unchanged; such a file is read twice and kept
+    only if both reads agree.
+    """
+    newest = max(info.st_mtime_ns, info.st_ctime_ns)
+    return newest >= time.time_ns() - RECENT_WRITE_NS
+
+
+def _read_all(fd: int, size: int, offset: int | None = None) -> bytes:
+    if offset is not None:
+        os.lseek(fd, offset, os.SEEK_SET)
     chunks = []
     remaining = size + 1
     while remaining > 0:
@@ -404,7 +430,10 @@ def _iter_blocks(fd: int, size: int, block_size: int) -> Iterator[bytes | int]:
         if _is_hole(fd, offset, length):
             yield length
         else:
-            yield os.pread(fd, length, offset)
+            data = os.pread(fd, length, offset)
+            # A file that shrank mid-read still yields whole blocks; the stat
+            # check after the read then rejects this copy and reads again.
+            yield data + bytes(length - len(data))
         offset += length
 
 

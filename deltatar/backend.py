@@ -28,7 +28,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from .errors import CorruptStore, NoSpace, StoreChanged, StoreLocked
+from .errors import CorruptStore, NoSpace, StoreChanged, StoreLocked, StoreNotWritable
 
 logger = logging.getLogger(__name__)
 
@@ -193,7 +193,13 @@ class LocalBackend(Backend):
     @contextlib.contextmanager
     def writer_lock(self, timeout: float, purpose: str) -> Iterator[None]:
         path = self._path(WRITER_LOCK)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except PermissionError:
+            raise StoreNotWritable(
+                f"{self.location}: cannot write to the store (permission denied); "
+                "run as a user that may write it"
+            ) from None
         try:
             _acquire(fd, path, timeout, self.location)
             _write_holder(fd, purpose)

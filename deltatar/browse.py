@@ -166,7 +166,8 @@ def _stats_row(record: VisitRecord) -> dict[str, Any]:
 
 
 def _base_ratio(records: list[VisitRecord]) -> float:
+    """The base's compression ratio; never above 1, as tar | zstd would not be."""
     for record in records:
         if record.kind == "base" and record.tree_bytes:
-            return record.layer_bytes / record.tree_bytes
+            return min(1.0, record.layer_bytes / record.tree_bytes)
     return 1.0

@@ -94,12 +94,14 @@ def _common_options() -> argparse.ArgumentParser:
         help=f"the store's directory (default: ${STORE_VARIABLE})",
     )
     common.add_argument("--json", action="store_true", help="print JSON on stdout")
-    common.add_argument("-v", "--verbose", action="count", default=0)
+    common.add_argument(
+        "-v", "--verbose", action="count", default=0, help="say more (-vv: debug)"
+    )
     common.add_argument("-q", "--quiet", action="store_true", help="print errors only")
     common.add_argument("--debug", action="store_true", help="show tracebacks")
     common.add_argument(
         "--lock-timeout",
-        type=float,
+        type=_seconds,
         default=60.0,
         metavar="SECONDS",
         help="how long to wait for another writer (default: 60)",
@@ -117,7 +119,12 @@ def _command(
     commands, name: str, common, summary: str, handler
 ) -> argparse.ArgumentParser:
     parser = commands.add_parser(
-        name, parents=[common], help=summary, description=summary, epilog=EPILOG[name]
+        name,
+        parents=[common],
+        help=summary,
+        description=summary,
+        epilog=EPILOG[name],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.set_defaults(command=name, handler=handler)
     return parser
@@ -257,6 +264,18 @@ def _add_show(commands, common) -> None:
     )
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a number of seconds"
+        ) from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} must be 0 or more seconds")
+    return value
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -271,8 +290,12 @@ def _positive_int(text: str) -> int:
 
 
 def _append(args) -> int:
+    from pathlib import Path
+
+    from .append import check_source
     from .store import Store
 
+    check_source(Path(args.src))
     store = Store.open_or_create(args.store)
     store.lock_timeout = args.lock_timeout
     started = time.perf_counter()
@@ -391,10 +414,12 @@ def _stats(args) -> int:
         return EXIT_OK
     from rich.table import Table
 
-    table = Table(title="what each visit stored", title_justify="left")
+    table = Table(
+        title="what each visit stored", title_justify="left", box=None, pad_edge=False
+    )
     columns = ("visit", "tree", "stored", "new", "tails", "patched", "blocks", "dedup")
     for column in columns:
-        table.add_column(column, justify="right")
+        table.add_column(column, justify="right", no_wrap=True)
     for row in stats["visits"]:
         table.add_row(
             str(row["visit"]),
@@ -411,10 +436,10 @@ def _stats(args) -> int:
     total = stats["total"]
     ratio = total["store_to_naive_compressed"]
     console.print(
-        f"store {_size(total['store_bytes'])}; per-visit full archives would take "
-        f"about {_size(total['naive_compressed_estimate'])} compressed "
-        f"({_size(total['naive_full_bytes'])} as plain tar)"
-        + (f"; store/naive = {ratio:.3f}" if ratio else ""),
+        f"store: {_size(total['store_bytes'])}\n"
+        f"per-visit full archives: about {_size(total['naive_compressed_estimate'])}"
+        f" compressed, {_size(total['naive_full_bytes'])} as plain tar"
+        + (f"\nstore / full archives: {ratio:.3f}" if ratio else ""),
         markup=False,
         highlight=False,
     )
@@ -645,16 +670,19 @@ def _record_json(record) -> dict[str, Any]:
 
 def _print_log_table(records) -> None:
     from rich.table import Table
+    from rich.text import Text
 
-    table = Table(title="visits", title_justify="left")
-    for column in ("visit", "time", "message", "added", "changed", "deleted", "stored"):
-        justify = "right" if column not in ("time", "message") else "left"
-        table.add_column(column, justify=justify)
+    table = Table(title="visits", title_justify="left", box=None, pad_edge=False)
+    table.add_column("visit", justify="right", no_wrap=True)
+    table.add_column("time", no_wrap=True)
+    table.add_column("message", overflow="ellipsis", no_wrap=True, max_width=22)
+    for column in ("added", "changed", "deleted", "stored"):
+        table.add_column(column, justify="right", no_wrap=True)
     for record in records:
         table.add_row(
             str(record.visit),
-            _iso_time(record.time_ns),
-            _escape(record.message),
+            _iso_time(record.time_ns, zone=False),
+            Text(_escape(record.message)),
             str(record.added),
             str(record.changed),
             str(record.deleted),
@@ -667,8 +695,9 @@ def _print_json(document: Any) -> None:
     sys.stdout.write(json.dumps(document, indent=2, ensure_ascii=True) + "\n")
 
 
-def _iso_time(time_ns: int) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(time_ns / 1e9))
+def _iso_time(time_ns: int, zone: bool = True) -> str:
+    layout = "%Y-%m-%d %H:%M:%S%z" if zone else "%Y-%m-%d %H:%M:%S"
+    return time.strftime(layout, time.localtime(time_ns / 1e9))
 
 
 def _size(count: float) -> str:

@@ -196,4 +196,5 @@ def _rebuilt_record(
         kind="base" if builder.is_base else "delta",
         layer_bytes=store.backend.size(layer_name),
         manifest_bytes=stored,
+        stored=builder.tally.as_dict() | {"problems": record.stored.get("problems", 0)},
     )

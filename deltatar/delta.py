@@ -87,9 +87,10 @@ class Tally:
     deduplicated_bytes: int = 0
 
     def as_dict(self) -> dict[str, int]:
-        new_bytes = self.full_bytes + self.tail_bytes + self.patch_bytes
+        # Patched files are counted apart: their new bytes are the edits,
+        # which only the stored patch size tells.
         return {
-            "new_bytes": new_bytes + self.block_bytes,
+            "new_bytes": self.full_bytes + self.tail_bytes + self.block_bytes,
             "full_bytes": self.full_bytes,
             "tail_bytes": self.tail_bytes,
             "patch_source_bytes": self.patch_bytes,

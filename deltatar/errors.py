@@ -11,6 +11,7 @@ traceback.
     ├── SourceError         the tree to append cannot be read as asked
     ├── StoreNotFound       no store at the given location
     ├── StoreLocked         another process holds the store's write lock
+    ├── StoreNotWritable    this user may not write to the store
     ├── StoreChanged        the head moved while an operation ran
     ├── UnsupportedFormat   the store was written by a newer format version
     ├── VisitNotFound       no such visit, or it was compacted away
@@ -39,6 +40,10 @@ class StoreNotFound(DeltatarError):
 
 class StoreLocked(DeltatarError):
     """Another process holds the store's write lock for longer than we wait."""
+
+
+class StoreNotWritable(DeltatarError):
+    """The store exists but this process may not write to it."""
 
 
 class StoreChanged(DeltatarError):

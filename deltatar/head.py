@@ -9,8 +9,11 @@ crash at any moment leaves either the old head or the new one, both whole.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+import xxhash
 
 from .errors import CorruptStore, UnsupportedFormat, VisitNotFound
 
@@ -134,18 +137,39 @@ def _range_text(start: int, end: int | None) -> str:
 
 
 def _as_int(spec: str | int) -> int | None:
+    """A visit number written as plain ASCII digits, with an optional minus."""
     if isinstance(spec, int):
         return spec
-    try:
+    if re.fullmatch(r"-?[0-9]{1,18}", spec):
         return int(spec)
-    except ValueError:
-        return None
+    return None
 
 
 def encode(head: Head) -> bytes:
     document: dict[str, Any] = {"format": "deltatar-head", "version": HEAD_VERSION}
     document.update(asdict(head))
+    document["checksum"] = _checksum(document)
     return json.dumps(document, indent=1).encode()
+
+
+def _checksum(document: dict[str, Any]) -> str:
+    """xxh3-128 of the head's canonical JSON without its own checksum field."""
+    body = {key: value for key, value in document.items() if key != "checksum"}
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"))
+    return xxhash.xxh3_128_hexdigest(canonical.encode())
+
+
+OBJECT_NAME = re.compile(r"(layers|manifests|contents)/[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def _check_names(head: Head, location: str) -> None:
+    """Refuse object names that could reach outside the store's object folders."""
+    names = list(head.garbage)
+    for record in head.visits:
+        names += record.objects()
+    for name in names:
+        if not isinstance(name, str) or not OBJECT_NAME.fullmatch(name):
+            raise CorruptStore(f"{location}: HEAD names an invalid object {name!r}")
 
 
 def decode(data: bytes, location: str) -> Head:
@@ -161,12 +185,19 @@ def decode(data: bytes, location: str) -> Head:
             f"{location}: head format version {version} is newer than the "
             f"{HEAD_VERSION} this deltatar reads; upgrade deltatar"
         )
+    if "checksum" in document and document["checksum"] != _checksum(document):
+        raise CorruptStore(
+            f"{location}: HEAD is damaged (its checksum does not match); "
+            "run 'deltatar verify'"
+        )
     try:
-        return Head(
+        head = Head(
             generation=int(document["generation"]),
             next_visit=int(document["next_visit"]),
             visits=[VisitRecord(**item) for item in document["visits"]],
-            garbage=[str(name) for name in document.get("garbage", [])],
+            garbage=list(document.get("garbage", [])),
         )
     except (KeyError, TypeError, ValueError) as error:
         raise CorruptStore(f"{location}: HEAD is malformed ({error!r})") from None
+    _check_names(head, location)
+    return head

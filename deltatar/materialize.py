@@ -55,11 +55,22 @@ def materialize_visit(
         head = store.read_head()
         record = head.resolve(visit, store.location)
         manifest = store.load_manifest(record)
+        if manifest.tree_digest() != record.tree_digest:
+            raise CorruptStore(
+                f"visit {record.visit}: manifest {record.manifest} does not match "
+                "the tree digest in the head; the store is damaged "
+                "(run 'deltatar verify')"
+            )
         entries = _select(manifest, paths, record)
         check_entries(entries, record, devices)
-        _prepare_destination(dest, force, store)
-        with no_space_guard(str(dest)):
-            _write_tree(store, dest, entries, record, progress)
+        created = _prepare_destination(dest, force, store)
+        try:
+            with no_space_guard(str(dest)):
+                _write_tree(store, dest, entries, record, progress)
+            _apply_root_metadata(dest, manifest, paths)
+        except BaseException:
+            _remove_partial_tree(dest, created)
+            raise
     logger.info("visit %d materialized into %s", record.visit, dest)
     return record
 
@@ -119,41 +130,67 @@ def _select(
         return manifest.entries
     wanted = [path.strip("/") for path in paths]
     by_path = manifest.by_path()
-    for path in wanted:
+    for path, given in zip(wanted, paths, strict=True):
         if path not in by_path:
-            raise UsageError(f"{path}: not in visit {record.visit}")
+            raise UsageError(f"--path {given!r}: not in visit {record.visit}")
     chosen = {
         entry.path
         for entry in manifest.entries
         if any(entry.path == w or entry.path.startswith(w + "/") for w in wanted)
     }
+    leaders = {by_path[path].hardlink_of for path in chosen} - {None}
+    chosen |= leaders
     for path in list(chosen):
         while "/" in path:
             path = path.rpartition("/")[0]
             chosen.add(path)
-    for path in list(chosen):
-        leader = by_path[path].hardlink_of
-        if leader is not None:
-            chosen.add(leader)
     return [entry for entry in manifest.entries if entry.path in chosen]
 
 
-def _prepare_destination(dest: Path, force: bool, store) -> None:
+def _prepare_destination(dest: Path, force: bool, store) -> bool:
+    """Check and ready DEST; True when this call created it."""
     store_path = Path(store.location).resolve()
     resolved = dest.resolve()
     if resolved == store_path or store_path in resolved.parents:
         raise UsageError(f"{dest}: destination lies inside the store {store.location}")
+    if resolved in store_path.parents:
+        raise UsageError(
+            f"{dest}: the store {store.location} lies inside the destination; "
+            "materialize into a directory that does not hold the store"
+        )
     if dest.is_symlink() or (dest.exists() and not dest.is_dir()):
         raise UsageError(f"{dest}: destination exists and is not a directory")
     if not dest.exists():
         dest.mkdir(parents=True)
-        return
+        return True
     if any(dest.iterdir()):
         if not force:
             raise UsageError(
                 f"{dest}: destination is not empty; use --force to replace its contents"
             )
         _empty_directory(dest)
+    return False
+
+
+def _remove_partial_tree(dest: Path, created: bool) -> None:
+    """Leave no half-written tree behind a failed materialize."""
+    for directory, names, _ in os.walk(dest):
+        for name in names:
+            path = os.path.join(directory, name)
+            if not os.path.islink(path):
+                os.chmod(path, 0o700)
+    _empty_directory(dest)
+    if created:
+        dest.rmdir()
+    logger.info("%s: materialize failed; the partial tree was removed", dest)
+
+
+def _apply_root_metadata(dest: Path, manifest: Manifest, paths) -> None:
+    root = manifest.info.get("root")
+    if paths or not isinstance(root, dict):
+        return
+    os.chmod(dest, int(root["mode"]) & 0o7777)
+    os.utime(dest, ns=(int(root["mtime_ns"]), int(root["mtime_ns"])))
 
 
 def _empty_directory(dest: Path) -> None:

@@ -11,16 +11,32 @@ first members are listed) so the user can be warned, or they can be skipped.
 from __future__ import annotations
 
 import logging
+import lzma
 import tarfile
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
+
+import pyzstd
 
 from .manifest import FILE, Entry
 from .scan import Found, stat_matches
 
 logger = logging.getLogger(__name__)
 
+# What a damaged or merely misnamed archive may raise while its members are
+# listed; such a file is simply not treated as an archive.
+UNREADABLE_ARCHIVE = (
+    OSError,
+    EOFError,
+    ValueError,
+    tarfile.TarError,
+    zipfile.BadZipFile,
+    zlib.error,
+    lzma.LZMAError,
+    pyzstd.ZstdError,
+)
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.zst", ".tzst", ".tar.xz", ".zip")
 MEMBERS_LOOKED_AT = 500
 GROWTH_SHARE = 0.5
@@ -88,13 +104,7 @@ def _member_of_tree(path: Path, tree_paths: set[str]) -> str | None:
     """
     try:
         names = _member_names(path)
-    except (
-        OSError,
-        tarfile.TarError,
-        zipfile.BadZipFile,
-        EOFError,
-        ValueError,
-    ) as error:
+    except UNREADABLE_ARCHIVE as error:
         logger.debug("%s: not inspected as an archive (%s)", path, error)
         return None
     shared = []
@@ -131,7 +141,5 @@ def _member_names(path: Path) -> list[str]:
 def _open_tar(path: Path) -> tarfile.TarFile:
     lower = path.name.lower()
     if lower.endswith((".tar.zst", ".tzst")):
-        import pyzstd
-
         return tarfile.open(fileobj=pyzstd.ZstdFile(path), mode="r|")
     return tarfile.open(path, mode="r|*")

@@ -35,7 +35,7 @@ import pyzstd
 from . import head as head_module
 from . import manifest as manifest_module
 from .backend import Backend, LocalBackend
-from .content import apply_patch, make_patch, prefix_of
+from .content import apply_patch, make_patch, prefix_of, validate
 from .delta import Settings
 from .errors import CorruptStore, StoreNotFound, UnsupportedFormat, UsageError
 from .head import Head, VisitRecord
@@ -191,7 +191,7 @@ class Store:
             if len(patch) <= PATCHED_MANIFEST_SHARE * self.backend.size(reference):
                 self.backend.put_bytes(name, patch)
                 return name, len(patch), reference
-        full = pyzstd.compress(raw, 3)
+        full = compress_checked(raw)
         self.backend.put_bytes(name, full)
         return name, len(full), ""
 
@@ -210,11 +210,20 @@ class Store:
         return manifest_name, used, contents_name, manifest_bytes + contents_bytes
 
     def load_departed(self, record: VisitRecord) -> dict[str, StoredContent]:
-        document = json.loads(self._read_object(record.contents))
-        return {
-            content_id: StoredContent(size, recipe, block_ids)
-            for content_id, (size, recipe, block_ids) in document.items()
-        }
+        """The contents that left the tree at ``record``'s visit, checked."""
+        try:
+            document = json.loads(self._read_object(record.contents))
+            departed = {
+                content_id: StoredContent(size, recipe, block_ids)
+                for content_id, (size, recipe, block_ids) in document.items()
+            }
+            for content_id, stored in departed.items():
+                validate(stored.recipe, stored.size, f"{record.contents}: {content_id}")
+        except (ValueError, TypeError, AttributeError):
+            raise CorruptStore(
+                f"{record.contents}: contents list is malformed"
+            ) from None
+        return departed
 
     def save_departed(
         self, visit: int, departed: dict[str, StoredContent]
@@ -245,7 +254,7 @@ class Store:
         return index
 
     def put_compressed(self, name: str, data: bytes) -> int:
-        compressed = pyzstd.compress(data, 3)
+        compressed = compress_checked(data)
         self.backend.put_bytes(name, compressed)
         return len(compressed)
 
@@ -273,12 +282,28 @@ class Store:
     # -- configuration -----------------------------------------------------------
 
     def settings(self) -> Settings:
+        """The store's settings, each checked against the bounds it may take."""
         try:
-            document = json.loads(self.backend.read(CONFIG_NAME))
+            data = self.backend.read(CONFIG_NAME)
         except CorruptStore:
             return Settings()
+        try:
+            document = json.loads(data)
+            items = document.items()
+        except (ValueError, AttributeError):
+            raise CorruptStore(
+                f"{self.location}: {CONFIG_NAME} does not parse"
+            ) from None
         known = {item.name for item in fields(Settings)}
-        return Settings(**{k: v for k, v in document.items() if k in known})
+        values = {key: value for key, value in items if key in known}
+        for key, value in values.items():
+            low, high = SETTING_BOUNDS[key]
+            if type(value) is not int or not low <= value <= high:
+                raise CorruptStore(
+                    f"{self.location}: {CONFIG_NAME}: {key} = {value!r} is not a "
+                    f"whole number in {low}..{high}; fix it with 'deltatar config'"
+                )
+        return Settings(**values)
 
     def save_settings(self, settings: Settings) -> None:
         """Write the settings durably (callers hold the writer lock)."""
@@ -357,6 +382,15 @@ class Store:
             for name in self.backend.list(f"{kind}/"):
                 total += self.backend.size(name)
         return total
+
+
+def compress_checked(data: bytes) -> bytes:
+    """zstd with the frame checksum on, so a flipped byte cannot pass unseen."""
+    options = {
+        pyzstd.CParameter.compressionLevel: 3,
+        pyzstd.CParameter.checksumFlag: 1,
+    }
+    return pyzstd.compress(data, options)
 
 
 def _backend_for(location: str | os.PathLike[str]) -> Backend:

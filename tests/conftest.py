@@ -475,7 +475,9 @@ def manifest_document(raw: bytes) -> dict:
 def manifest_lines(document: dict) -> bytes:
     """The inverse of :func:`manifest_document`, for tests that craft manifests."""
     entries = document["entries"]
-    header = dict(document, entries=len(entries) if isinstance(entries, list) else entries)
+    header = dict(
+        document, entries=len(entries) if isinstance(entries, list) else entries
+    )
     lines = [json.dumps(header)]
     if isinstance(entries, list):
         lines += [json.dumps(entry) for entry in entries]

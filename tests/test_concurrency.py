@@ -47,7 +47,9 @@ def start(*args, **options) -> subprocess.Popen:
     )
 
 
-def finish(process: subprocess.Popen, timeout: float = 120) -> subprocess.CompletedProcess:
+def finish(
+    process: subprocess.Popen, timeout: float = 120
+) -> subprocess.CompletedProcess:
     out, err = process.communicate(timeout=timeout)
     return subprocess.CompletedProcess(process.args, process.returncode, out, err)
 
@@ -196,7 +198,9 @@ def eight_visits(tmp_path: Path) -> Visits:
 
 
 @pytest.mark.parametrize("keep_last", [None, 2])
-def test_compact_while_materialize_is_frozen(tmp_path: Path, stopped, keep_last) -> None:
+def test_compact_while_materialize_is_frozen(
+    tmp_path: Path, stopped, keep_last
+) -> None:
     visits = eight_visits(tmp_path)
     dest = tmp_path / "m3"
     reader = start("materialize", "--store", visits.store, "--visit", "3", dest)
@@ -210,7 +214,9 @@ def test_compact_while_materialize_is_frozen(tmp_path: Path, stopped, keep_last)
     reader.send_signal(signal.SIGCONT)
     result = finish(reader)
 
-    assert compact.returncode in (0, 1), describe_run(compact, "compact beside a reader")
+    assert compact.returncode in (0, 1), describe_run(
+        compact, "compact beside a reader"
+    )
     if compact.returncode == 1:
         assert_one_line_error(compact, "compact refused")
     if result.returncode == 0:
@@ -258,7 +264,9 @@ def test_append_and_compact_at_once_both_succeed(tmp_path: Path) -> None:
         compactor = start("compact", "--store", visits.store)
         appended, compacted = finish(appender), finish(compactor)
         assert appended.returncode == 0, describe_run(appended, "append beside compact")
-        assert compacted.returncode == 0, describe_run(compacted, "compact beside append")
+        assert compacted.returncode == 0, describe_run(
+            compacted, "compact beside append"
+        )
         assert json.loads(appended.stdout)["visit"] == len(visits.references) + 1
         visits.references.append(tmp_path / f"ref-late{attempt}")
 

@@ -48,7 +48,15 @@ def small_filesystem(mount_point: Path, size_mib: int = 64) -> Iterator[Path]:
     if shutil.which("mount") is None or shutil.which("umount") is None:
         pytest.skip("mount/umount are not installed")
     mount_point.mkdir()
-    command = ["mount", "-t", "tmpfs", "-o", f"size={size_mib}m", "tmpfs", str(mount_point)]
+    command = [
+        "mount",
+        "-t",
+        "tmpfs",
+        "-o",
+        f"size={size_mib}m",
+        "tmpfs",
+        str(mount_point),
+    ]
     mounted = subprocess.run(command, capture_output=True, text=True)
     if mounted.returncode != 0:
         pytest.skip(f"mounting a tmpfs is not permitted here: {mounted.stderr.strip()}")
@@ -78,7 +86,9 @@ def fill(mount_point: Path, leave: int = 0) -> Path:
     with open(filler, "ab", buffering=0) as handle:
         if wanted > 0:
             try:
-                os.posix_fallocate(handle.fileno(), handle.tell(), wanted - wanted % PAGE)
+                os.posix_fallocate(
+                    handle.fileno(), handle.tell(), wanted - wanted % PAGE
+                )
             except OSError as error:
                 assert error.errno == errno.ENOSPC, error
         if leave == 0:
@@ -132,7 +142,10 @@ class Chain:
         return summary
 
     def visits(self) -> list[int]:
-        return [v["visit"] for v in run_json("log", "--store", self.store, "--json")["visits"]]
+        return [
+            v["visit"]
+            for v in run_json("log", "--store", self.store, "--json")["visits"]
+        ]
 
     def assert_intact(self, head: bytes) -> None:
         """The head is unchanged and every visit verifies and restores exactly."""
@@ -350,4 +363,6 @@ def test_materialize_into_full_disk_fails_with_one_line(tmp_path, small) -> None
     result = run_cli("materialize", "--store", chain.store, dest, check=False)
 
     assert_no_space_error(result, dest)
-    assert free_bytes(small) < MIB
+    # The half-written tree is removed, so the disk is as full as before.
+    assert not dest.exists()
+    assert free_bytes(small) >= MIB

@@ -38,14 +38,26 @@ def describe(root: Path) -> dict[str, list]:
             info = os.lstat(path)
             relative = os.path.relpath(path, os.fsencode(root)).hex()
             if os.path.islink(path):
-                tree[relative] = ["symlink", 0, info.st_mtime_ns, os.readlink(path).hex()]
+                tree[relative] = [
+                    "symlink",
+                    0,
+                    info.st_mtime_ns,
+                    os.readlink(path).hex(),
+                ]
             elif os.path.isdir(path):
                 tree[relative] = ["dir", info.st_mode & 0o7777, info.st_mtime_ns, None]
             elif stat.S_ISFIFO(info.st_mode):
                 tree[relative] = ["fifo", info.st_mode & 0o7777, info.st_mtime_ns, None]
             else:
-                digest = hashlib.sha256(Path(os.fsdecode(path)).read_bytes()).hexdigest()
-                tree[relative] = ["file", info.st_mode & 0o7777, info.st_mtime_ns, digest]
+                digest = hashlib.sha256(
+                    Path(os.fsdecode(path)).read_bytes()
+                ).hexdigest()
+                tree[relative] = [
+                    "file",
+                    info.st_mode & 0o7777,
+                    info.st_mtime_ns,
+                    digest,
+                ]
     return tree
 
 
@@ -120,7 +132,9 @@ def regenerate(version: int) -> None:
     for leftover in ("lock", "readers.lock", "tmp"):
         path = target / "store" / leftover
         shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-    (target / "expected.json").write_text(json.dumps(expected, indent=1, sort_keys=True))
+    (target / "expected.json").write_text(
+        json.dumps(expected, indent=1, sort_keys=True)
+    )
 
 
 if __name__ == "__main__" and sys.argv[1:] == ["--regenerate"]:

@@ -39,8 +39,17 @@ def download_releases() -> list[Path]:
         found = sorted(folder.glob(f"pip-{release}-*.whl"))
         if not found:
             command = [
-                sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
-                "--only-binary", ":all:", "--dest", str(folder), f"pip=={release}",
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--quiet",
+                "--no-deps",
+                "--only-binary",
+                ":all:",
+                "--dest",
+                str(folder),
+                f"pip=={release}",
             ]
             subprocess.run(command, check=True, timeout=300)
             found = sorted(folder.glob(f"pip-{release}-*.whl"))
