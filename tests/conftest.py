@@ -100,7 +100,9 @@ def run_json(*args: PathArg, **kwargs) -> dict:
     try:
         return json.loads(result.stdout)
     except json.JSONDecodeError as exc:
-        raise AssertionError(describe_run(result, f"stdout is not JSON: {exc}"))
+        raise AssertionError(
+            describe_run(result, f"stdout is not JSON: {exc}")
+        ) from None
 
 
 # Run inside a throwaway interpreter so that RUSAGE_CHILDREN sees only the one
