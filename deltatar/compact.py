@@ -90,6 +90,8 @@ def _check_free_space(store, rewritten: list[VisitRecord]) -> None:
         )
 
 
+# TODO: a new base stores every copy of a content in full so that tar extracts
+# it; when a visit holds many copies, compaction can grow the store.
 def _rebuild(store, kept: list[VisitRecord]) -> list[VisitRecord]:
     settings = store.settings()
     source = ContentSource(store.backend)

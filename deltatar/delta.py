@@ -172,6 +172,8 @@ class LayerBuilder:
         logger.debug("%s: stored a %d byte tail", entry.path, len(tail))
         return previous.recipe + [[RAW, self.layer_name, offset, len(tail)]]
 
+    # TODO: patches are made only against the previous version at the same
+    # path, so a file renamed and edited in one visit is stored whole.
     def _try_patch(
         self, entry: Entry, data: bytes, previous: Entry | None
     ) -> Recipe | None:
@@ -220,6 +222,8 @@ class LayerBuilder:
 
     # -- large files, block by block ---------------------------------------
 
+    # TODO: blocks have fixed offsets, so an insertion near the start of a large
+    # file stores every block after it again; content-defined chunks would not.
     def store_blocks(
         self, entry: Entry, blocks: Iterator[bytes | int], previous: Entry | None
     ) -> None:

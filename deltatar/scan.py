@@ -151,6 +151,8 @@ def stat_matches(entry: Entry, found: Found) -> bool:
     )
 
 
+# TODO: the walk uses whole path strings, so a path longer than PATH_MAX is
+# reported and skipped; walking with directory descriptors would record it.
 def _list_directory(
     src: Path, relative_dir: str, result: ScanResult, strict: bool
 ) -> list[Found]:
