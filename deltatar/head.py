@@ -15,7 +15,8 @@ from typing import Any
 
 import xxhash
 
-from .errors import CorruptStore, UnsupportedFormat, VisitNotFound
+from .errors import CorruptStore, VisitNotFound
+from .formats import check_document
 
 HEAD_VERSION = 1
 
@@ -177,14 +178,7 @@ def decode(data: bytes, location: str) -> Head:
         document = json.loads(data)
     except (ValueError, UnicodeDecodeError):
         raise CorruptStore(f"{location}: HEAD does not parse") from None
-    if not isinstance(document, dict) or document.get("format") != "deltatar-head":
-        raise CorruptStore(f"{location}: HEAD is not a deltatar head")
-    version = document.get("version")
-    if not isinstance(version, int) or version > HEAD_VERSION:
-        raise UnsupportedFormat(
-            f"{location}: head format version {version} is newer than the "
-            f"{HEAD_VERSION} this deltatar reads; upgrade deltatar"
-        )
+    check_document(document, "deltatar-head", HEAD_VERSION, f"{location}: HEAD")
     if "checksum" in document and document["checksum"] != _checksum(document):
         raise CorruptStore(
             f"{location}: HEAD is damaged (its checksum does not match); "

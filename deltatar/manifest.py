@@ -24,7 +24,8 @@ from typing import Any
 import orjson
 import xxhash
 
-from .errors import CorruptStore, UnsupportedFormat
+from .errors import CorruptStore
+from .formats import check_document
 
 MANIFEST_VERSION = 1
 
@@ -233,15 +234,7 @@ def _parse_header(line: bytes, source: str) -> dict[str, Any]:
         header = orjson.loads(line)
     except (ValueError, UnicodeDecodeError) as error:
         raise CorruptStore(f"{source}: manifest does not parse ({error})") from None
-    if not isinstance(header, dict) or header.get("format") != "deltatar-manifest":
-        raise CorruptStore(f"{source}: not a deltatar manifest")
-    version = header.get("version")
-    if not isinstance(version, int) or version > MANIFEST_VERSION:
-        raise UnsupportedFormat(
-            f"{source}: manifest format version {version} is newer than the "
-            f"{MANIFEST_VERSION} this deltatar reads; upgrade deltatar"
-        )
-    return header
+    return check_document(header, "deltatar-manifest", MANIFEST_VERSION, source)
 
 
 _OPTIONAL_FIELDS = ("uid", "gid", "rdev", "inode", "ctime_ns")

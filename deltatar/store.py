@@ -37,7 +37,8 @@ from . import manifest as manifest_module
 from .backend import Backend, LocalBackend
 from .content import apply_patch, make_patch, prefix_of, validate
 from .delta import Settings
-from .errors import CorruptStore, StoreNotFound, UnsupportedFormat, UsageError
+from .errors import CorruptStore, StoreNotFound, UsageError
+from .formats import check_document
 from .head import Head, VisitRecord
 from .manifest import Manifest, StoredContent, gc_paused
 
@@ -105,15 +106,10 @@ class Store:
             ) from None
         try:
             header = json.loads(data)
-            version = int(header["version"])
-            assert header["format"] == "deltatar-store"
-        except (ValueError, KeyError, TypeError, AssertionError):
+        except (ValueError, UnicodeDecodeError):
             raise CorruptStore(f"{self.location}: {HEADER_NAME} is damaged") from None
-        if version > STORE_VERSION:
-            raise UnsupportedFormat(
-                f"{self.location}: store format version {version} is newer than "
-                f"version {STORE_VERSION} this deltatar reads; upgrade deltatar"
-            )
+        where = f"{self.location}: {HEADER_NAME}"
+        check_document(header, "deltatar-store", STORE_VERSION, where)
 
     # -- the verbs -------------------------------------------------------------
 
