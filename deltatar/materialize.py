@@ -63,13 +63,15 @@ def materialize_visit(
             )
         entries = _select(manifest, paths, record)
         check_entries(entries, record, devices)
-        created = _prepare_destination(dest, force, store)
+        created, keep = _prepare_destination(dest, force, store)
+        if keep is not None:
+            _refuse_entries_at(keep.relative_to(dest.resolve()), entries, record)
         try:
             with no_space_guard(str(dest)):
                 _write_tree(store, dest, entries, record, progress)
             _apply_root_metadata(dest, manifest, paths)
         except BaseException:
-            _remove_partial_tree(dest, created)
+            _remove_partial_tree(dest, created, keep)
             raise
     logger.info("visit %d materialized into %s", record.visit, dest)
     return record
@@ -147,39 +149,71 @@ def _select(
     return [entry for entry in manifest.entries if entry.path in chosen]
 
 
-def _prepare_destination(dest: Path, force: bool, store) -> bool:
-    """Check and ready DEST; True when this call created it."""
+def _prepare_destination(dest: Path, force: bool, store) -> tuple[bool, Path | None]:
+    """Check and ready DEST.
+
+    Returns whether this call created DEST, and the store's path when the
+    store lies inside DEST: restoring a visit into the directory it was
+    recorded from, store and all, is how a run is resumed, so the store is
+    kept while everything else in DEST is replaced.
+    """
     store_path = Path(store.location).resolve()
     resolved = dest.resolve()
     if resolved == store_path or store_path in resolved.parents:
         raise UsageError(f"{dest}: destination lies inside the store {store.location}")
-    if resolved in store_path.parents:
-        raise UsageError(
-            f"{dest}: the store {store.location} lies inside the destination; "
-            "materialize into a directory that does not hold the store"
-        )
+    keep = store_path if resolved in store_path.parents else None
     if dest.is_symlink() or (dest.exists() and not dest.is_dir()):
         raise UsageError(f"{dest}: destination exists and is not a directory")
     if not dest.exists():
         dest.mkdir(parents=True)
-        return True
+        return True, None
     if any(dest.iterdir()):
         if not force:
             raise UsageError(
                 f"{dest}: destination is not empty; use --force to replace its contents"
             )
-        _empty_directory(dest)
-    return False
+        _empty_directory(resolved, keep)
+    return False, keep
 
 
-def _remove_partial_tree(dest: Path, created: bool) -> None:
-    """Leave no half-written tree behind a failed materialize."""
-    for directory, names, _ in os.walk(dest):
+def _empty_directory(dest: Path, keep: Path | None = None) -> None:
+    """Remove everything in ``dest`` except ``keep`` and the folders above it."""
+    for child in dest.iterdir():
+        if keep is not None and child == keep:
+            continue
+        if keep is not None and child in keep.parents:
+            _empty_directory(child, keep)
+        elif child.is_dir() and not child.is_symlink():
+            _make_removable(child)
+            shutil.rmtree(child)
+        else:
+            child.unlink()
+
+
+def _make_removable(directory: Path) -> None:
+    """Materialized folders may be read-only; removing their content needs w."""
+    for parent, names, _ in os.walk(directory):
         for name in names:
-            path = os.path.join(directory, name)
+            path = os.path.join(parent, name)
             if not os.path.islink(path):
                 os.chmod(path, 0o700)
-    _empty_directory(dest)
+    os.chmod(directory, 0o700)
+
+
+def _refuse_entries_at(store_path: Path, entries: list[Entry], record) -> None:
+    """A visit holding a path where the store now lies cannot be written there."""
+    taken = store_path.as_posix()
+    for entry in entries:
+        if entry.path == taken or entry.path.startswith(taken + "/"):
+            raise UsageError(
+                f"visit {record.visit} holds {entry.path!r} where the store lies; "
+                "materialize it into another directory"
+            )
+
+
+def _remove_partial_tree(dest: Path, created: bool, keep: Path | None) -> None:
+    """Leave no half-written tree behind a failed materialize."""
+    _empty_directory(dest.resolve(), keep)
     if created:
         dest.rmdir()
     logger.info("%s: materialize failed; the partial tree was removed", dest)
@@ -193,14 +227,6 @@ def _apply_root_metadata(dest: Path, manifest: Manifest, paths) -> None:
     os.utime(dest, ns=(int(root["mtime_ns"]), int(root["mtime_ns"])))
 
 
-def _empty_directory(dest: Path) -> None:
-    for child in dest.iterdir():
-        if child.is_dir() and not child.is_symlink():
-            shutil.rmtree(child)
-        else:
-            child.unlink()
-
-
 def _write_tree(
     store,
     dest: Path,
@@ -211,7 +237,7 @@ def _write_tree(
     source = ContentSource(store.backend)
     directories = [entry for entry in entries if entry.type == DIRECTORY]
     for entry in directories:
-        os.mkdir(dest / entry.path, 0o700)
+        _make_directory(dest / entry.path)
     files = [e for e in entries if e.type == FILE and e.hardlink_of is None]
     files.sort(key=_read_order)
     for number, entry in enumerate(files, 1):
@@ -222,6 +248,16 @@ def _write_tree(
         _write_other(dest, entry)
     for entry in reversed(directories):
         _apply_metadata(dest / entry.path, entry)
+
+
+def _make_directory(path: Path) -> None:
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        # Only a folder above a kept store exists already; anything else is not
+        # a directory this materialize may reuse.
+        if path.is_symlink() or not path.is_dir():
+            raise
 
 
 def _read_order(entry: Entry) -> tuple[str, int]:

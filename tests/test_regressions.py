@@ -17,21 +17,46 @@ from deltatar import Store
 MIB = 1024 * 1024
 
 
-def test_materialize_refuses_a_destination_that_holds_the_store(tmp_path: Path) -> None:
-    src = tmp_path / "src"
-    src.mkdir()
-    (src / "f").write_text("hi\n")
-    run_cli("append", src, "--store", src / ".dt")
+def test_materialize_into_the_source_resumes_it_and_keeps_the_store(
+    tmp_path: Path,
+) -> None:
+    # Resuming a run: visit 1 restored over the node directory the store lives in.
+    visits = Visits(
+        tmp_path, store=tmp_path / "src" / "state" / ".dt", exclude=["state"]
+    )
+    (visits.src / "f").write_text("first\n")
+    (visits.src / "state").mkdir()
+    visits.append()
+    (visits.src / "f").write_text("second\n")
+    (visits.src / "extra").write_text("later\n")
+    visits.append()
 
-    for dest in (src, tmp_path):
-        result = run_cli(
-            "materialize", "--store", src / ".dt", dest, "--force", check=False
-        )
-        assert result.returncode == 1
-        assert "lies inside the destination" in result.stderr
+    run_cli(
+        "materialize", "--store", visits.store, "--visit", "1", visits.src, "--force"
+    )
 
-    assert run_json("log", "--store", src / ".dt", "--json")["visits"]
-    assert (src / "f").read_text() == "hi\n"
+    assert_same_tree(visits.references[0], visits.src, exclude=["state"])
+    assert [v["visit"] for v in visits.log()] == [1, 2]
+    assert run_cli("verify", "--store", visits.store).returncode == 0
+    run_json("append", visits.src, "--store", visits.store, "--json")
+
+
+def test_materialize_refuses_a_visit_with_a_path_where_the_store_lies(
+    tmp_path: Path,
+) -> None:
+    visits = Visits(tmp_path)
+    (visits.src / "box").mkdir()
+    (visits.src / "box" / "store").write_text("a file of the visit\n")
+    visits.append()
+    dest = tmp_path / "dest"
+    shutil.copytree(visits.store, dest / "box" / "store")
+    moved = dest / "box" / "store"
+
+    result = run_cli("materialize", "--store", moved, dest, "--force", check=False)
+
+    assert result.returncode == 1
+    assert "where the store lies" in result.stderr
+    assert [r.visit for r in Store.open(moved).visits()] == [1]
 
 
 def test_damaged_manifest_never_restores_wrong_metadata(tmp_path: Path) -> None:
@@ -67,14 +92,15 @@ def test_file_rewritten_in_place_during_append_is_never_stored_torn(
     stop = threading.Event()
 
     def rewrite() -> None:
+        # Each rewrite is one write call, so every state on disk is uniform;
+        # a stored mix of two values could only come from a torn read.
         value = 0
         while not stop.is_set():
             value = (value + 1) % 250
             for path in names:
-                with open(path, "r+b") as handle:
-                    for offset in range(0, 2 * MIB, 256 * 1024):
-                        handle.seek(offset)
-                        handle.write(bytes([value]) * (256 * 1024))
+                fd = os.open(path, os.O_WRONLY)
+                os.pwrite(fd, bytes([value]) * (2 * MIB), 0)
+                os.close(fd)
 
     writer = threading.Thread(target=rewrite)
     writer.start()
