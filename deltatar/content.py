@@ -41,6 +41,18 @@ def content_id(data: bytes) -> str:
     return xxhash.xxh3_128_hexdigest(data)
 
 
+_ZEROS = bytes(1 << 20)
+
+
+def hash_zeros(digest: Any, length: int) -> None:
+    """Feed ``length`` zero bytes to a digest without allocating them all."""
+    zeros = memoryview(_ZEROS)
+    while length:
+        part = min(length, len(_ZEROS))
+        digest.update(zeros[:part])
+        length -= part
+
+
 def recipe_length(recipe: Recipe) -> int:
     return sum(piece_length(piece) for piece in recipe)
 

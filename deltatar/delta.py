@@ -38,6 +38,7 @@ from .content import (
     ZERO,
     ContentSource,
     content_id,
+    hash_zeros,
     make_patch,
     patch_depth,
 )
@@ -265,7 +266,7 @@ class LayerBuilder:
     ) -> tuple[list[Any], str]:
         length = _block_length(block)
         if _is_hole(block):
-            _update_with_zeros(whole, length)
+            hash_zeros(whole, length)
             if member_offset is not None:
                 self._member.write_zeros(length)
             return [ZERO, length], "zero"
@@ -388,16 +389,6 @@ def _is_hole(block: bytes | int) -> bool:
     if isinstance(block, int):
         return True
     return not any(block[:64]) and block.count(0) == len(block)
-
-
-_ZERO_CHUNK = bytes(1 << 20)
-
-
-def _update_with_zeros(digest: Any, length: int) -> None:
-    while length:
-        part = min(length, len(_ZERO_CHUNK))
-        digest.update(_ZERO_CHUNK[:part] if part < len(_ZERO_CHUNK) else _ZERO_CHUNK)
-        length -= part
 
 
 def _compressible(data: bytes) -> bool:

@@ -62,9 +62,6 @@ class Entry:
     inode: int | None = None
     ctime_ns: int | None = None
 
-    def same_content_as(self, other: Entry) -> bool:
-        return self.type == other.type and self.content_id == other.content_id
-
 
 @dataclass(slots=True)
 class StoredContent:

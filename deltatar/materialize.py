@@ -21,7 +21,7 @@ from pathlib import Path
 import xxhash
 
 from .backend import no_space_guard
-from .content import ContentSource, validate
+from .content import ContentSource, hash_zeros, validate
 from .errors import CorruptStore, UsageError
 from .head import VisitRecord
 from .manifest import (
@@ -279,7 +279,7 @@ def _write_file(
         for part in source.iter_pieces(entry.recipe or []):
             if isinstance(part, int):
                 os.lseek(fd, part, os.SEEK_CUR)
-                _update_zeros(digest, part)
+                hash_zeros(digest, part)
             else:
                 digest.update(part)
                 _write_all(fd, part)
@@ -300,16 +300,6 @@ def _write_all(fd: int, data: bytes) -> None:
     while view:
         written = os.write(fd, view)
         view = view[written:]
-
-
-_ZEROS = bytes(1 << 20)
-
-
-def _update_zeros(digest, length: int) -> None:
-    while length:
-        part = min(length, len(_ZEROS))
-        digest.update(memoryview(_ZEROS)[:part])
-        length -= part
 
 
 def _write_other(dest: Path, entry: Entry) -> None:
