@@ -5,7 +5,7 @@ Writers take the ``flock`` on ``STORE/lock`` and readers a shared one on
 side by side and check what users see: two appends never interleave, a
 writer that times out names the holder, a lock left by a killed process is
 no obstacle, and a compaction beside a running materialize never lets it
-finish with a wrong tree (BR-26).  To make the overlap certain rather than
+finish with a wrong tree.  To make the overlap certain rather than
 likely, some tests freeze a process with SIGSTOP while it holds a lock.
 """
 
@@ -189,7 +189,7 @@ def test_lock_of_killed_writer_is_recovered(tmp_path: Path) -> None:
 
 
 def eight_visits(tmp_path: Path) -> Visits:
-    """BR-26's chain, smaller: eight visits each rewriting five files."""
+    """A chain of eight visits, each rewriting five files."""
     visits = Visits(tmp_path)
     for number in range(8):
         random_files(visits.src, 5, 2 * MIB, seed=100 + number)
@@ -235,7 +235,7 @@ def test_compact_while_materialize_is_frozen(
 
 
 def test_compact_beside_materialize_at_random_moments(tmp_path: Path) -> None:
-    # BR-26 as written, with a few delays: never exit 0 with a wrong tree.
+    # Compaction started at random moments beside a restore: never exit 0 with a wrong tree.
     visits = eight_visits(tmp_path)
     rng = random.Random(26)
     for attempt in range(4):

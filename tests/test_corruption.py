@@ -1,7 +1,7 @@
 """Damage a store's files on purpose and check that nobody is fooled.
 
 Every case works on a fresh copy of one pristine store of three visits
-(BR-27's: three 1 MiB files, visit 2 rewrites one, visit 3 adds a small one)
+(three 1 MiB files; visit 2 rewrites one, visit 3 adds a small one)
 and damages one file: a flipped byte at some offset, or a truncation.  Then:
 
 * ``verify`` exits non-zero and names a visit that depends on the damage, and
@@ -270,7 +270,7 @@ def test_every_object_damaged_many_ways(pristine, tmp_path, capsys) -> None:
 
 
 def test_missing_middle_layer_names_visit_2(pristine, tmp_path) -> None:
-    # BR-27 variant b: the layer visit 2 wrote is deleted.
+    # The layer visit 2 wrote is deleted outright.
     store = tmp_path / "store"
     shutil.copytree(pristine.store, store)
     (layer,) = [n for n, (k, v) in pristine.objects.items() if k == "layer" and v == 2]

@@ -7,7 +7,7 @@ the way a user would find it: ``log`` lists only whole visits, ``verify``
 passes, every committed visit materializes identical to the tree that was
 appended, and the next writer succeeds without any repair.  After each series
 the store must hold nothing but what its head names, so killed runs cannot
-make it grow (docs/format.md, *Order of writes*; BR-22).
+make it grow (docs/format.md, *Order of writes*).
 
 The default suite kills about ten processes; the ``slow`` tests kill a few
 hundred and assert how many they actually killed.
@@ -216,7 +216,7 @@ def report(
 
 
 def append_round(series: Series, kills: int, every_visit: bool = True) -> None:
-    """Kill appends of a changed tree; whole visits only, no growth (BR-22)."""
+    """Kill appends of a changed tree; whole visits only, no growth."""
     store, src = series.store, series.src
     fill_tree(src, series.rng)
     longest = 1.1 * timed_run("append", src, "--store", store, "-q")

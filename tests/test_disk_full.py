@@ -4,7 +4,7 @@ A full filesystem must cost the user nothing but the command that hit it:
 the command exits 1 with one line that says there is no space, the head is
 byte for byte what it was, every visit still materializes and verifies, and
 once space is freed the same command succeeds and leaves no temporary files
-behind (BR-24).  Compaction also refuses before writing anything when the
+behind.  Compaction also refuses before writing anything when the
 free space is clearly too small, saying how much it needs.
 
 These tests need root (to mount); without it, or where mounting is not
@@ -182,7 +182,7 @@ def assert_no_space_error(result: subprocess.CompletedProcess, names: Path) -> N
 
 
 def br24_chain(base: Path, small: Path) -> Chain:
-    """BR-24's store: a 20 MiB file, then two visits adding 10 MiB each."""
+    """A store of a 20 MiB file, then two visits adding 10 MiB each."""
     chain = Chain(base, small / "store")
     chain.add("a", 20 * MIB, seed=1)
     chain.append()
@@ -310,7 +310,7 @@ def test_compact_on_full_disk_changes_nothing(tmp_path, small, leave_mib) -> Non
 
 
 def test_compact_with_one_mib_free_reports_no_space(tmp_path, small) -> None:
-    # BR-24 as written: the store of three visits, ~1 MiB left free.
+    # The store of three visits with about 1 MiB left free.
     chain = br24_chain(tmp_path, small)
     head = (chain.store / "HEAD").read_bytes()
     filler = fill(small, leave=MIB)
