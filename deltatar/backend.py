@@ -113,13 +113,13 @@ class LocalBackend(Backend):
         target = self._path(name)
         target.parent.mkdir(parents=True, exist_ok=True)
         _fsync_file(local_path)
-        with _no_space_guard(self.location):
+        with no_space_guard(self.location):
             os.replace(local_path, target)
             _fsync_dir(target.parent)
 
     def put_bytes(self, name: str, data: bytes) -> None:
         staging = self.scratch_dir() / f"put-{secrets.token_hex(6)}"
-        with _no_space_guard(self.location):
+        with no_space_guard(self.location):
             staging.write_bytes(data)
         self.put_file(name, staging)
 
@@ -163,7 +163,7 @@ class LocalBackend(Backend):
 
     def replace_config(self, local_path: Path) -> None:
         _fsync_file(local_path)
-        with _no_space_guard(self.location):
+        with no_space_guard(self.location):
             os.replace(local_path, self._path("config.json"))
             _fsync_dir(self.root)
 
@@ -184,7 +184,7 @@ class LocalBackend(Backend):
                 "run it again"
             )
         staging = self.scratch_dir() / f"head-{secrets.token_hex(6)}"
-        with _no_space_guard(self.location):
+        with no_space_guard(self.location):
             staging.write_bytes(data)
             _fsync_file(staging)
             os.replace(staging, self._path(HEAD_NAME))
@@ -302,8 +302,8 @@ def _fsync_dir(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def _no_space_guard(location: str) -> Iterator[None]:
-    """Turn ENOSPC and EDQUOT into :class:`NoSpace` naming the store."""
+def no_space_guard(location: str) -> Iterator[None]:
+    """Turn ENOSPC and EDQUOT into :class:`NoSpace` naming the location."""
     try:
         yield
     except OSError as error:
@@ -314,8 +314,6 @@ def _no_space_guard(location: str) -> Iterator[None]:
             ) from error
         raise
 
-
-no_space_guard = _no_space_guard
 
 if sys.platform == "win32":  # pragma: no cover - flock is POSIX only
     raise ImportError("deltatar needs a POSIX system")

@@ -233,49 +233,39 @@ class LayerBuilder:
         whole = xxhash.xxh3_128()
         recipe: Recipe = []
         block_ids: list[str] = []
-        member_offset = self._open_block_member(entry)
+        member = (
+            _StreamingMember(self.writer, tar_info(entry)) if self.is_base else None
+        )
         for block in blocks:
-            piece, block_id = self._store_block(
-                block, known_blocks, whole, member_offset
-            )
+            piece, block_id = self._store_block(block, known_blocks, whole, member)
             recipe.append(piece)
             block_ids.append(block_id)
-            if member_offset is not None:
-                member_offset += _block_length(block)
-        self._close_block_member(entry)
+        if member is not None:
+            member.close(entry.size)
         entry.content_id = whole.hexdigest()
         entry.recipe, entry.block_ids = recipe, block_ids
         self._remember(entry)
-
-    def _open_block_member(self, entry: Entry) -> int | None:
-        if not self.is_base:
-            return None
-        self._member = _StreamingMember(self.writer, tar_info(entry))
-        return self._member.data_offset
-
-    def _close_block_member(self, entry: Entry) -> None:
-        if self.is_base:
-            self._member.close(entry.size)
 
     def _store_block(
         self,
         block: bytes | int,
         known_blocks: dict[str, list[Any]],
         whole: Any,
-        member_offset: int | None,
+        member: _StreamingMember | None,
     ) -> tuple[list[Any], str]:
+        """One block's piece; in a base it lands in the file's own tar member."""
         length = _block_length(block)
         if _is_hole(block):
             hash_zeros(whole, length)
-            if member_offset is not None:
-                self._member.write_zeros(length)
+            if member is not None:
+                member.write_zeros(length)
             return [ZERO, length], "zero"
         whole.update(block)
         block_id = xxhash.xxh3_128_hexdigest(block)
-        if member_offset is not None:
-            self._member.write(block)
+        if member is not None:
+            offset = member.write(block)
             self.tally.block_bytes += length
-            return [RAW, self.layer_name, member_offset, length], block_id
+            return [RAW, self.layer_name, offset, length], block_id
         reused = known_blocks.get(block_id) or self._index_block(block_id)
         if reused is not None:
             self.tally.deduplicated_bytes += length
@@ -311,9 +301,12 @@ class _StreamingMember:
         self.data_offset = writer.begin_member(info)
         self.written = 0
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes) -> int:
+        """Append data; return its offset in the layer's tar stream."""
+        offset = self.data_offset + self.written
         self.writer.write_data(data)
         self.written += len(data)
+        return offset
 
     def write_zeros(self, length: int) -> None:
         chunk = bytes(min(length, 1 << 20))

@@ -71,7 +71,6 @@ class LayerWriter:
             collections.deque()
         )
         self._max_pending = 2 * max(1, threads)
-        self._stored = 0
         self._member_start = 0
 
     @property
@@ -165,7 +164,6 @@ class LayerWriter:
             with no_space_guard(self.location):
                 self._file.write(frame)
             self._frames.append((len(frame), raw_size))
-            self._stored += len(frame)
 
 
 def _seek_table(frames: list[tuple[int, int]]) -> bytes:

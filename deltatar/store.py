@@ -187,9 +187,7 @@ class Store:
             if len(patch) <= PATCHED_MANIFEST_SHARE * self.backend.size(reference):
                 self.backend.put_bytes(name, patch)
                 return name, len(patch), reference
-        full = compress_checked(raw)
-        self.backend.put_bytes(name, full)
-        return name, len(full), ""
+        return name, self.put_compressed(name, raw), ""
 
     def save_visit(
         self, manifest: Manifest, departed: dict[str, StoredContent], previous_record
