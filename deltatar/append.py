@@ -58,8 +58,13 @@ def append_visit(
     strict: bool = False,
     exclude_nested_archives: bool = False,
     progress: Progress | None = None,
+    visit_time_ns: int | None = None,
 ) -> VisitRecord:
-    """Append the state of ``src`` to ``store`` as its next visit."""
+    """Append the state of ``src`` to ``store`` as its next visit.
+
+    ``visit_time_ns`` records another time than now as the visit's time, for
+    importing runs recorded elsewhere and for testing retention rules.
+    """
     _check_source(src, store)
     with store.writing(f"append {src}") as (head, token):
         visit = head.next_visit
@@ -80,6 +85,8 @@ def append_visit(
         }
         manifest = Manifest(visit, written.entries, scan_started, info)
         record = _add_visit(store, head, manifest, written, layer_name, builder)
+        if visit_time_ns is not None:
+            record.time_ns = int(visit_time_ns)
         store.commit_head(head, token)
     logger.info(
         "visit %d appended: %d added, %d changed, %d deleted, %d bytes stored",

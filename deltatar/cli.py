@@ -26,11 +26,11 @@ STORE_VARIABLE = "DELTATAR_STORE"
 EPILOG = {
     "append": "example: deltatar append ./node --store ./node/.deltatar -m 'after verify'",
     "materialize": "example: deltatar materialize --store ./node/.deltatar --visit 3 /tmp/v3",
-    "compact": "example (cron): */30 * * * * deltatar compact --store /runs/node/.deltatar --keep-last 20",
+    "compact": "example (cron): */10 * * * * deltatar compact --auto -q --store /runs/node/.deltatar",
     "log": "example: deltatar log --store ./node/.deltatar --json",
     "verify": "example: deltatar verify --store ./node/.deltatar --quick",
     "stats": "example: deltatar stats --store ./node/.deltatar --json",
-    "config": "example: deltatar config --store ./node/.deltatar level 6",
+    "config": "example: deltatar config --store ./node/.deltatar keep-daily 7",
     "ls": "example: deltatar ls --store ./node/.deltatar --visit -2 worktree",
     "cat": "example: deltatar cat --store ./node/.deltatar --visit 3 logs/run.log",
     "diff": "example: deltatar diff --store ./node/.deltatar 3 -1 --stat",
@@ -191,14 +191,24 @@ def _add_materialize(commands, common) -> None:
 
 def _add_compact(commands, common) -> None:
     parser = _command(
-        commands, "compact", common, "squash the chain into a new base", _compact
+        commands,
+        "compact",
+        common,
+        "drop visits the policy does not keep and merge delta layers",
+        _compact,
     )
     parser.add_argument(
         "--keep-last",
         type=_positive_int,
         default=None,
         metavar="N",
-        help="drop visits older than the last N",
+        help="drop visits older than the last N (replaces the retention policy)",
+    )
+    parser.add_argument(
+        "--auto",
+        action="store_true",
+        help="do only what the store's policy makes due; exit 0 at once when "
+        "nothing is due or another writer holds the store",
     )
     parser.add_argument("--dry-run", action="store_true", help="report, change nothing")
 
@@ -358,22 +368,39 @@ def _compact(args) -> int:
 
     store = Store.open(args.store)
     store.lock_timeout = args.lock_timeout
-    report = store.compact(keep_last=args.keep_last, dry_run=args.dry_run)
+    report = store.compact(
+        keep_last=args.keep_last, dry_run=args.dry_run, auto=args.auto
+    )
     if args.json:
         _print_json(report)
     elif not args.quiet:
-        verb = "would keep" if args.dry_run else "kept"
-        dropped = ", ".join(map(str, report["dropped"])) or "none"
-        after = report.get("store_bytes_after")
-        sizes = _size(report["store_bytes_before"])
-        if after is not None:
-            sizes += f" -> {_size(after)}"
-        _stdout_console().print(
-            f"{verb} visits {report['kept']}; dropped: {dropped}; store {sizes}",
-            markup=False,
-            highlight=False,
-        )
+        _stdout_console().print(_compact_line(report), markup=False, highlight=False)
     return EXIT_OK
+
+
+def _compact_line(report: dict[str, Any]) -> str:
+    """One line a log file keeps: what was done, or why nothing was."""
+    did = report["did"]
+    why = "; ".join(report["reasons"])
+    if did not in ("compacted", "would compact"):
+        return f"{did}" + (f" ({why})" if why and did != "nothing due" else "")
+    dropped = ", ".join(map(str, report["dropped"])) or "none"
+    parts = [f"{did}: kept visits {report['kept']}", f"dropped: {dropped}"]
+    if report["merged_layers"]:
+        parts.append(
+            f"merged {report['merged_layers']} delta layers "
+            f"({_size(report['merged_bytes'])})"
+        )
+    if report["rebase"]:
+        parts.append("new base for the latest visit")
+    sizes = _size(report["store_bytes_before"])
+    if "store_bytes_after" in report:
+        sizes += f" -> {_size(report['store_bytes_after'])}"
+        sizes += f", wrote {_size(report['bytes_written'])}"
+    else:
+        sizes += f", frees up to {_size(report['retired_layer_bytes'])} of layers"
+    parts.append(f"store {sizes}")
+    return "; ".join(parts)
 
 
 def _log(args) -> int:
@@ -463,7 +490,10 @@ def _config(args) -> int:
         _print_json(shown)
     else:
         for key, value in shown.items():
-            _stdout_console().print(f"{key} = {value}", markup=False, highlight=False)
+            shown_value = "none" if value is None else value
+            _stdout_console().print(
+                f"{key} = {shown_value}", markup=False, highlight=False
+            )
     return EXIT_OK
 
 

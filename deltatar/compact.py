@@ -1,15 +1,21 @@
-"""Compaction: squash the chain into a fresh base and drop unwanted visits.
+"""Compaction: drop visits a policy does not keep, merge deltas, rebase.
 
-Compaction rebuilds the kept visits as a new chain: the oldest kept visit
-becomes a full base, each later kept visit a delta layer against the one
-before it.  Tails, patches and scattered pieces are rewritten as contiguous
-data, so restores read fewer frames, and content only dropped visits used is
-freed.  Visit numbers never change.
+Compaction costs I/O in proportion to what it frees or merges, never to the
+size of the store (the algorithm is in docs/format.md, *Compaction*):
 
-Nothing is deleted before the new head is durably committed.  Old objects are
-then deleted at once when no reader holds the reader guard; otherwise they are
-listed in the head as garbage and removed by the next writer, so a restore
-that started before the compaction always finds the objects it was promised.
+* **Retention** drops visits.  A layer no kept visit points into is simply
+  retired.  The live ranges of a retired layer are carried into the layer of
+  the next kept visit; when the oldest kept visit was a delta, it gets a base
+  (so ``zstd -dc | tar -x`` of the oldest kept layer still yields its tree).
+* **Merging** copies a run of adjacent small delta layers into one layer; the
+  base and every other layer stay as they are.
+* **Rebasing** gives the latest visit a base of its own when the deltas after
+  the last base have grown too large relative to it.
+
+Only manifests whose recipes moved are written again.  Visit numbers never
+change.  Each step commits its own head; nothing is deleted before the head
+that stops naming it is durable, and retired objects a reader may still need
+stay listed as garbage until no reader holds the reader guard.
 """
 
 from __future__ import annotations
@@ -19,68 +25,500 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from .append import tombstones_between, write_tombstones
+from . import policy as policy_module
 from .content import ContentSource
 from .delta import LayerBuilder
-from .errors import NoSpace, UsageError
+from .errors import NoSpace, StoreLocked, UsageError
 from .head import Head, VisitRecord, format_ranges
-from .layer import LayerWriter
-from .manifest import FILE, Entry, Manifest, StoredContent, departed_contents
+from .layer import BLOCK, LayerWriter
+from .manifest import Manifest, departed_contents
+from .policy import Policy
+from .relocate import (
+    Moves,
+    build_base_entries,
+    carry_ranges,
+    collect_live_of_departed,
+    collect_live_of_entries,
+    copy_layer,
+    live_bytes,
+    map_to_base,
+    merged_ranges,
+)
 
 logger = logging.getLogger(__name__)
 
 SPACE_MARGIN = 1.1
+ADOPT_SHARE = 0.5
+
+
+@dataclasses.dataclass(slots=True)
+class Plan:
+    """What a compaction will do, decided from the head and the policy alone."""
+
+    kept: list[VisitRecord]
+    dropped: list[VisitRecord]
+    merge: list[str]
+    rebase: bool
+    reasons: list[str]
+    policy: Policy
+
+    @property
+    def due(self) -> bool:
+        return bool(self.dropped or self.merge or self.rebase)
 
 
 def compact_store(
-    store, keep_last: int | None = None, dry_run: bool = False
+    store,
+    keep_last: int | None = None,
+    dry_run: bool = False,
+    auto: bool = False,
+    policy: Policy | None = None,
 ) -> dict[str, Any]:
-    """Rebuild the kept visits as a new chain; see the module docstring."""
+    """Apply the store's policy (or the one given); see the module docstring.
+
+    ``keep_last`` replaces the policy's retention rules.  Without ``auto``
+    the delta layers after the latest base are merged even when the policy
+    does not ask for it; with ``auto`` only what the policy makes due is
+    done, and a store whose writer lock is held is left alone.
+    """
     if keep_last is not None and keep_last < 1:
         raise UsageError(f"--keep-last {keep_last}: must keep at least one visit")
+    chosen = _effective_policy(store, policy, keep_last)
+    if auto:
+        plan = plan_compaction(store.read_head(), chosen, merge_all=False)
+        if not plan.due:
+            return _idle_report(store, plan, "nothing due")
+        if dry_run:
+            return _report(store, plan, dry_run=True)
+        return _run_when_free(store, chosen)
     with store.writing("compact") as (head, token):
-        kept = head.visits[-keep_last:] if keep_last else list(head.visits)
-        dropped = head.visits[: len(head.visits) - len(kept)]
-        report = _report(store, head, kept, dropped)
-        if dry_run or not kept:
-            return report
-        _check_free_space(store, _to_rewrite(kept))
-        before = head.referenced_objects()
-        head.visits = _rebuild(store, kept)
-        retired = before - head.referenced_objects()
-        head.garbage = sorted(set(head.garbage) | retired)
-        store.commit_head(head, token)
-        store.collect_garbage(*store.read_head_with_token())
+        plan = plan_compaction(head, chosen, merge_all=True)
+        if dry_run or not plan.due:
+            return _report(store, plan, dry_run=dry_run)
+        return _execute(store, head, token, plan, merge_all=True)
+
+
+def _effective_policy(store, policy: Policy | None, keep_last: int | None) -> Policy:
+    chosen = dataclasses.replace(policy or store.policy())
+    if keep_last is not None:
+        for name in policy_module.RETENTION_FIELDS:
+            setattr(chosen, name, None)
+        chosen.keep_last = keep_last
+    return chosen
+
+
+def _run_when_free(store, chosen: Policy) -> dict[str, Any]:
+    """Take the writer lock without waiting, then plan again under it.
+
+    A timer runs ``--auto`` every few minutes; when an append holds the
+    lock, waiting would only pile runs up behind it, so the run ends at once
+    and the next one catches up.
+    """
+    try:
+        with store.writing("compact --auto", timeout=0) as (head, token):
+            plan = plan_compaction(head, chosen, merge_all=False)
+            if not plan.due:
+                return _idle_report(store, plan, "nothing due")
+            return _execute(store, head, token, plan, merge_all=False)
+    except StoreLocked:
+        plan = plan_compaction(store.read_head(), chosen, merge_all=False)
+        return _idle_report(store, plan, "store busy, nothing done")
+
+
+def plan_compaction(head: Head, chosen: Policy, merge_all: bool) -> Plan:
+    """Decide what is due; reads nothing but the head."""
+    kept = policy_module.kept_visits(head.visits, chosen)
+    kept_numbers = {record.visit for record in kept}
+    dropped = [r for r in head.visits if r.visit not in kept_numbers]
+    reasons = []
+    if dropped:
+        reasons.append(
+            f"policy drops visits {format_ranges([r.visit for r in dropped])}"
+        )
+    shaped = kept
+    rebase = _rebase_due(shaped, chosen, reasons)
+    merge = [] if rebase else _merge_due(shaped, chosen, merge_all, reasons)
+    return Plan(kept, dropped, merge, rebase, reasons, chosen)
+
+
+def _rebase_due(shaped: list[VisitRecord], chosen: Policy, reasons: list) -> bool:
+    if not chosen.max_delta_percent or len(shaped) < 2:
+        return False
+    share = policy_module.delta_share_percent(shaped)
+    if share <= chosen.max_delta_percent:
+        return False
+    reasons.append(
+        f"deltas hold {share:.0f}% of the base's bytes "
+        f"(max-delta-percent {chosen.max_delta_percent})"
+    )
+    return True
+
+
+def _merge_due(
+    shaped: list[VisitRecord], chosen: Policy, merge_all: bool, reasons: list
+) -> list[str]:
+    _, layers = policy_module.latest_chain(shaped)
+    if chosen.max_chain:
+        window = policy_module.merge_window(shaped, chosen.max_chain)
+    else:
+        window = layers if merge_all and len(layers) > 1 else []
+    if window:
+        reasons.append(
+            f"chain of {len(layers)} delta layers"
+            + (f" (max-chain {chosen.max_chain})" if chosen.max_chain else "")
+        )
+    return window
+
+
+# -- execution -----------------------------------------------------------------
+
+
+def _execute(store, head: Head, token, plan: Plan, merge_all: bool):
+    report = _report(store, plan, dry_run=False)
+    objects_before = _object_names(store)
+    if plan.dropped:
+        head, token = _drop(store, head, token, plan)
+    if plan.rebase:
+        head, token = _rebase_latest(store, head, token)
+    elif plan.merge:
+        # The drop may have renamed nothing, but plan again from the head it
+        # committed so the merge names only layers that head holds.
+        window = _merge_due(head.visits, plan.policy, merge_all, [])
+        if window:
+            head, token = _merge(store, head, token, window)
+    report["bytes_written"] = sum(
+        store.backend.size(name) for name in _object_names(store) - objects_before
+    )
     report["store_bytes_after"] = store.disk_usage()
     logger.info(
-        "compacted %s: kept visits %s, dropped %d",
+        "compacted %s: kept visits %s, dropped %d, merged %d layers%s",
         store.location,
         report["kept"],
-        len(dropped),
+        len(plan.dropped),
+        len(plan.merge),
+        ", rebased the latest visit" if plan.rebase else "",
     )
     return report
 
 
-def _report(store, head: Head, kept: list[VisitRecord], dropped: list[VisitRecord]):
-    return {
-        "kept": format_ranges([record.visit for record in kept]),
-        "dropped": [record.visit for record in dropped],
-        "store_bytes_before": store.disk_usage(),
-        "bytes_to_rewrite": sum(record.layer_bytes for record in _to_rewrite(kept)),
-    }
+def _object_names(store) -> set[str]:
+    names: set[str] = set()
+    for kind in ("layers/", "manifests/", "contents/"):
+        names.update(store.backend.list(kind))
+    return names
 
 
-def _to_rewrite(kept: list[VisitRecord]) -> list[VisitRecord]:
-    """The kept visits whose objects compaction writes anew.
+def _commit(store, head: Head, token, records: list[VisitRecord]):
+    """Name only ``records`` in the head; what they stopped naming is garbage."""
+    before = head.referenced_objects()
+    head.visits = records
+    retired = before - head.referenced_objects()
+    head.garbage = sorted(set(head.garbage) | retired)
+    store.commit_head(head, token)
+    store.collect_garbage(*store.read_head_with_token())
+    return store.read_head_with_token()
 
-    A kept visit that is already a base stays as it is: its layer holds
-    every byte of its visit, so rewriting it would cost I/O and free nothing.
+
+def _drop(store, head: Head, token, plan: Plan):
+    """Drop visits, keeping or carrying what kept visits still need."""
+    kept = plan.kept
+    source = ContentSource(store.backend)
+    moves = Moves()
+    retired = _layers_of(plan.dropped) - _layers_of(kept)
+    predecessor_changed = _first_after_gaps(head.visits, kept)
+    live = _live_ranges(store, kept, retired, moves, predecessor_changed)
+    vessels = _vessels(head.visits, kept, live)
+    adopted = _adopted(source, live)
+    carried = {layer: spans for layer, spans in live.items() if layer not in adopted}
+    _check_space(store, _carry_estimate(store, source, carried))
+    written = _write_carried(store, vessels, carried, source, moves)
+    kept = _retain(kept, vessels, adopted, written, store)
+    records = _rewrite_visits(store, kept, moves, {}, predecessor_changed, None)
+    return _commit(store, head, token, records)
+
+
+def _layers_of(records: list[VisitRecord]) -> set[str]:
+    return {layer for record in records for layer in record.layers()}
+
+
+def _adopted(source: ContentSource, live: dict[str, list]) -> set[str]:
+    """Retired layers still mostly live: kept whole rather than carried.
+
+    Carrying a layer that kept visits still mostly read would cost nearly a
+    full copy and free little (think of the base when only the first visit
+    is dropped); the layer is kept as it is and freed once enough of it is
+    dead that carrying its rest costs at most half of it.
     """
-    return kept[1:] if kept and kept[0].kind == "base" else kept
+    adopted = set()
+    for layer, spans in live.items():
+        share = live_bytes({layer: spans}) / max(1, source.reader(layer).raw_size)
+        if share >= ADOPT_SHARE:
+            adopted.add(layer)
+    return adopted
 
 
-def _check_free_space(store, rewritten: list[VisitRecord]) -> None:
-    needed = int(SPACE_MARGIN * sum(r.bytes_stored for r in rewritten))
+def _retain(kept, vessels, adopted, written, store) -> list[VisitRecord]:
+    """Name adopted and newly written layers in their vessel visit's record."""
+    retained: dict[int, list[str]] = {}
+    for layer in sorted(adopted):
+        retained.setdefault(vessels[layer].visit, []).append(layer)
+    for visit, layer in written.items():
+        retained.setdefault(visit, []).append(layer)
+    records = []
+    for record in kept:
+        extra = retained.get(record.visit, [])
+        if extra:
+            layers = record.retained_layers + extra
+            record = dataclasses.replace(
+                record,
+                retained_layers=layers,
+                retained_bytes=sum(store.backend.size(name) for name in layers),
+            )
+        records.append(record)
+    return records
+
+
+def _first_after_gaps(visits: list[VisitRecord], kept: list[VisitRecord]) -> set[int]:
+    """Kept visits whose previous visit is dropped: their contents list changes."""
+    numbers = {record.visit for record in kept}
+    changed = {kept[0].visit}
+    for before, record in zip(visits, visits[1:], strict=False):
+        if record.visit in numbers and before.visit not in numbers:
+            changed.add(record.visit)
+    return changed
+
+
+def _live_ranges(store, kept, retired, moves, predecessor_changed):
+    """Ranges of retired layers that kept manifests or contents lists need."""
+    live: dict[str, list] = {}
+    for record in kept:
+        manifest = store.load_manifest(record)
+        collect_live_of_entries(manifest.entries, moves, retired, live)
+        if record.visit not in predecessor_changed:
+            departed = store.load_departed(record)
+            collect_live_of_departed(departed, moves, retired, live)
+    return {layer: merged_ranges(spans) for layer, spans in live.items()}
+
+
+def _owner(layer: str, records: list[VisitRecord]) -> int:
+    """The last visit that names a layer (as its own or as a retained one)."""
+    return max(record.visit for record in records if layer in record.layers())
+
+
+def _vessels(every, kept, live) -> dict[str, VisitRecord]:
+    """For each retired layer still read, the kept visit that will hold it.
+
+    A layer is only read by visits after the one it was written for, and a
+    base reads only itself, so the first kept delta after that visit is the
+    earliest visit that can take the layer's bytes over.  The choice ties
+    the bytes' lifetime to the first visit that needs them.
+    """
+    vessels = {}
+    for layer in live:
+        owner = _owner(layer, every)
+        vessels[layer] = next(r for r in kept if r.visit > owner and r.kind != "base")
+    return vessels
+
+
+def _write_carried(store, vessels, carried, source, moves) -> dict[int, str]:
+    """Write one layer per vessel visit holding the live ranges it takes over.
+
+    The vessel's own layer is not touched: the new layer is retained beside
+    it, so carrying costs exactly the live bytes.
+    """
+    by_vessel: dict[int, list[str]] = {}
+    for layer in sorted(carried):
+        by_vessel.setdefault(vessels[layer].visit, []).append(layer)
+    written = {}
+    for visit, layers in by_vessel.items():
+        name = store.new_object_name("layers", visit, ".tar.zst")
+        with _new_layer(store, name) as writer:
+            for layer in layers:
+                carry_ranges(writer, source, layer, carried[layer], name, moves)
+        written[visit] = name
+        carried_bytes = live_bytes({layer: carried[layer] for layer in layers})
+        logger.info("carried %d live bytes into %s", carried_bytes, name)
+    return written
+
+
+def _write_base(store, record: VisitRecord, source, moves) -> tuple[str, list]:
+    """Write ``record``'s visit as a base; record where its old pieces went."""
+    manifest = store.load_manifest(record)
+    name = store.new_object_name("layers", record.visit, ".tar.zst")
+    with _new_layer(store, name) as writer:
+        builder = LayerBuilder(writer, name, True, {}, source, store.settings())
+        entries = build_base_entries(manifest, builder, source)
+    map_to_base(manifest.entries, entries, moves)
+    return name, entries
+
+
+class _new_layer:
+    """Write a layer in scratch space and publish it whole, or not at all."""
+
+    def __init__(self, store, name: str) -> None:
+        self.store, self.name = store, name
+        settings = store.settings()
+        self.staging = store.backend.scratch_dir() / Path(name).name
+        self.writer = LayerWriter(
+            self.staging, settings.level, settings.thread_count(), store.location
+        )
+
+    def __enter__(self) -> LayerWriter:
+        return self.writer
+
+    def __exit__(self, kind, error, trace) -> None:
+        if kind is not None:
+            self.writer.abort()
+            return
+        self.writer.finish()
+        self.store.backend.put_file(self.name, self.staging)
+
+
+def _rewrite_visits(store, visits, moves, fresh, predecessor_changed, before):
+    """Save new manifests and contents lists for the visits whose recipes moved.
+
+    ``before`` is the record of the visit just before ``visits`` (None when
+    they start the store); a manifest is patched against its reference.
+    """
+    records: list[VisitRecord] = []
+    previous: Manifest | None = None
+    for record in visits:
+        manifest = store.load_manifest(record)
+        entries = _moved_entries(manifest, moves, fresh.get(record.visit))
+        oldest = before is None and not records
+        departed, departed_moved = _departed(
+            store, record, previous, entries, moves, oldest, predecessor_changed
+        )
+        layer = _moved_layer(record.layer, moves)
+        if record.visit in fresh:
+            layer = fresh[record.visit][0]
+        if layer == record.layer and entries == manifest.entries and not departed_moved:
+            records.append(record)
+        else:
+            rebuilt = Manifest(
+                record.visit, entries, manifest.scan_started_ns, manifest.info
+            )
+            reference = records[-1] if records else before
+            names = store.save_visit(rebuilt, departed, reference)
+            is_base = record.visit in fresh
+            records.append(_new_record(record, layer, names, is_base))
+            entries = rebuilt.entries
+        previous = Manifest(record.visit, entries)
+    return _share_layer_bytes(store, records)
+
+
+def _moved_entries(manifest: Manifest, moves: Moves, fresh) -> list:
+    if fresh is not None:
+        return fresh[1]
+    moved = []
+    for entry in manifest.entries:
+        if entry.recipe:
+            recipe = moves.rewrite(entry.recipe)
+            if recipe != entry.recipe:
+                entry = dataclasses.replace(entry, recipe=recipe)
+        moved.append(entry)
+    return moved
+
+
+def _departed(store, record, previous, entries, moves, oldest, predecessor_changed):
+    """The visit's contents list and whether it differs from the stored one."""
+    if oldest:
+        return {}, store.load_departed(record) != {}
+    if record.visit in predecessor_changed:
+        return departed_contents(previous, entries), True
+    departed = store.load_departed(record)
+    moved = {}
+    for content_id, stored in departed.items():
+        moved[content_id] = dataclasses.replace(
+            stored, recipe=moves.rewrite(stored.recipe)
+        )
+    return moved, moved != departed
+
+
+def _moved_layer(layer: str, moves: Moves) -> str:
+    shift = moves.shifts.get(layer)
+    return shift[0] if shift else layer
+
+
+def _new_record(record, layer, names, is_base) -> VisitRecord:
+    manifest_name, reference, contents_name, stored = names
+    return dataclasses.replace(
+        record,
+        layer=layer,
+        manifest=manifest_name,
+        manifest_reference=reference,
+        contents=contents_name,
+        kind="base" if is_base else record.kind,
+        manifest_bytes=stored,
+    )
+
+
+def _share_layer_bytes(store, records: list[VisitRecord]) -> list[VisitRecord]:
+    """A layer several visits share is counted once, on the last of them."""
+    last = {record.layer: record.visit for record in records}
+    shared = []
+    for record in records:
+        size = (
+            store.backend.size(record.layer)
+            if last[record.layer] == record.visit
+            else 0
+        )
+        if size != record.layer_bytes:
+            record = dataclasses.replace(record, layer_bytes=size)
+        shared.append(record)
+    return shared
+
+
+def _merge(store, head: Head, token, window: list[str]):
+    """Copy adjacent delta layers into one; the base is not touched."""
+    source = ContentSource(store.backend)
+    moves = Moves()
+    owner = _owner(window[-1], head.visits)
+    _check_space(store, sum(store.backend.size(layer) for layer in window))
+    name = store.new_object_name("layers", owner, ".tar.zst")
+    with _new_layer(store, name) as writer:
+        for layer in window:
+            copy_layer(writer, source, layer, name, moves)
+    first = min(r.visit for r in head.visits if r.layer in window)
+    unchanged = [r for r in head.visits if r.visit < first]
+    later = [r for r in head.visits if r.visit >= first]
+    before = unchanged[-1] if unchanged else None
+    records = unchanged + _rewrite_visits(store, later, moves, {}, set(), before)
+    return _commit(store, head, token, records)
+
+
+def _rebase_latest(store, head: Head, token):
+    """Give the latest visit a base; earlier visits keep their layers."""
+    latest = head.visits[-1]
+    _check_space(store, _base_estimate(head.visits, latest))
+    source = ContentSource(store.backend)
+    moves = Moves()
+    fresh = {latest.visit: _write_base(store, latest, source, moves)}
+    before = head.visits[-2] if len(head.visits) > 1 else None
+    rewritten = _rewrite_visits(store, [latest], moves, fresh, set(), before)
+    return _commit(store, head, token, head.visits[:-1] + rewritten)
+
+
+# -- space and reports ---------------------------------------------------------
+
+
+def _base_estimate(visits: list[VisitRecord], record: VisitRecord) -> int:
+    """Compressed bytes a base of ``record`` takes, at most its chain's bytes."""
+    sizes = policy_module.layer_sizes([r for r in visits if r.visit <= record.visit])
+    return min(record.tree_bytes, sum(sizes.values())) or record.layer_bytes
+
+
+def _carry_estimate(store, source, carried) -> int:
+    """Compressed bytes of the carried ranges, at their layers' ratio."""
+    total = 0
+    for layer, spans in carried.items():
+        ratio = store.backend.size(layer) / max(1, source.reader(layer).raw_size)
+        total += int(live_bytes({layer: spans}) * ratio) + BLOCK * len(spans)
+    return total
+
+
+def _check_space(store, needed_bytes: int) -> None:
+    needed = int(SPACE_MARGIN * needed_bytes)
     free = store.backend.free_bytes()
     if free is not None and free < needed:
         raise NoSpace(
@@ -90,113 +528,25 @@ def _check_free_space(store, rewritten: list[VisitRecord]) -> None:
         )
 
 
-# TODO: a new base stores every copy of a content in full so that tar extracts
-# it; when a visit holds many copies, compaction can grow the store.
-def _rebuild(store, kept: list[VisitRecord]) -> list[VisitRecord]:
-    settings = store.settings()
-    source = ContentSource(store.backend)
-    index: dict[str, StoredContent] = {}
-    previous: Manifest | None = None
-    records = []
-    rewritten = _to_rewrite(kept)
-    if len(rewritten) < len(kept):
-        records.append(kept[0])
-        previous = store.load_manifest(kept[0])
-        index.update(previous.content_index())
-    for record in rewritten:
-        manifest = store.load_manifest(record)
-        layer_name = store.new_object_name("layers", record.visit, ".tar.zst")
-        staging = store.backend.scratch_dir() / Path(layer_name).name
-        writer = LayerWriter(
-            staging, settings.level, settings.thread_count(), store.location
-        )
-        builder = LayerBuilder(
-            writer, layer_name, previous is None, index, source, settings
-        )
-        try:
-            entries = _rebuild_entries(manifest, previous, builder, source)
-            write_tombstones(builder, tombstones_between(previous, entries))
-            writer.finish()
-        except BaseException:
-            writer.abort()
-            raise
-        store.backend.put_file(layer_name, staging)
-        rebuilt = Manifest(
-            record.visit, entries, manifest.scan_started_ns, manifest.info
-        )
-        previous_record = records[-1] if records else None
-        departed = departed_contents(previous, entries)
-        names = store.save_visit(rebuilt, departed, previous_record)
-        records.append(_rebuilt_record(store, record, layer_name, names, builder))
-        previous = rebuilt
-    return records
+def _report(store, plan: Plan, dry_run: bool) -> dict[str, Any]:
+    sizes = policy_module.layer_sizes(plan.kept + plan.dropped)
+    retired = _layers_of(plan.dropped) - _layers_of(plan.kept)
+    return {
+        "did": "would compact"
+        if dry_run
+        else ("compacted" if plan.due else "nothing due"),
+        "reasons": plan.reasons,
+        "kept": format_ranges([record.visit for record in plan.kept]),
+        "dropped": [record.visit for record in plan.dropped],
+        "merged_layers": len(plan.merge),
+        "merged_bytes": sum(sizes.get(layer, 0) for layer in plan.merge),
+        "rebase": plan.rebase,
+        "retired_layer_bytes": sum(sizes.get(layer, 0) for layer in retired),
+        "store_bytes_before": store.disk_usage(),
+    }
 
 
-def _rebuild_entries(
-    manifest: Manifest,
-    previous: Manifest | None,
-    builder: LayerBuilder,
-    source: ContentSource,
-) -> list[Entry]:
-    before = previous.by_path() if previous else {}
-    rebuilt: dict[str, Entry] = {}
-    for old in manifest.entries:
-        entry = dataclasses.replace(old)
-        earlier = before.get(entry.path)
-        if entry.type != FILE:
-            if builder.is_base or earlier is None or earlier != entry:
-                builder.add_metadata_member(entry)
-        elif entry.hardlink_of is not None:
-            leader = rebuilt[entry.hardlink_of]
-            entry.recipe, entry.block_ids = leader.recipe, leader.block_ids
-            builder.add_hardlink_member(entry)
-        else:
-            _rebuild_content(entry, old, earlier, builder, source)
-        rebuilt[entry.path] = entry
-    return list(rebuilt.values())
-
-
-def _rebuild_content(
-    entry: Entry,
-    old: Entry,
-    earlier: Entry | None,
-    builder: LayerBuilder,
-    source: ContentSource,
-) -> None:
-    usable = earlier if earlier is not None and earlier.type == FILE else None
-    if usable is not None and usable.hardlink_of is not None:
-        usable = None
-    if not builder.is_base and old.content_id in builder.index:
-        known = builder.index[old.content_id]
-        entry.recipe, entry.block_ids = known.recipe, known.block_ids
-        return
-    if old.block_ids is not None:
-        blocks = (_join(source.iter_pieces([piece])) for piece in old.recipe or [])
-        builder.store_blocks(entry, blocks, usable)
-        return
-    data = source.read_verified(old.recipe or [], old.content_id, old.path)
-    builder.store_small(entry, data, usable)
-
-
-def _join(parts) -> bytes | int:
-    collected = list(parts)
-    if len(collected) == 1 and isinstance(collected[0], int):
-        return collected[0]
-    return b"".join(bytes(p) if isinstance(p, int) else p for p in collected)
-
-
-def _rebuilt_record(
-    store, record: VisitRecord, layer_name: str, names: tuple, builder: LayerBuilder
-) -> VisitRecord:
-    manifest_name, reference, contents_name, stored = names
-    return dataclasses.replace(
-        record,
-        layer=layer_name,
-        manifest=manifest_name,
-        manifest_reference=reference,
-        contents=contents_name,
-        kind="base" if builder.is_base else "delta",
-        layer_bytes=store.backend.size(layer_name),
-        manifest_bytes=stored,
-        stored=builder.tally.as_dict() | {"problems": record.stored.get("problems", 0)},
-    )
+def _idle_report(store, plan: Plan, why: str) -> dict[str, Any]:
+    report = _report(store, plan, dry_run=False)
+    report["did"] = why
+    return report

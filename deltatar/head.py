@@ -18,7 +18,10 @@ import xxhash
 from .errors import CorruptStore, VisitNotFound
 from .formats import check_document
 
-HEAD_VERSION = 1
+HEAD_VERSION = 2
+# A head that names no retained layers is written as version 1, so stores
+# that never needed them stay readable by every version-1 reader.
+RETAINED_FIELDS = ("retained_layers", "retained_bytes")
 
 
 @dataclass(slots=True)
@@ -43,13 +46,19 @@ class VisitRecord:
     manifest_bytes: int = 0
     stored: dict[str, int] = field(default_factory=dict)
     manifest_reference: str = ""
+    retained_layers: list[str] = field(default_factory=list)
+    retained_bytes: int = 0
 
     @property
     def bytes_stored(self) -> int:
         return self.layer_bytes + self.manifest_bytes
 
+    def layers(self) -> list[str]:
+        """The layer of this visit and the layers it keeps for dropped visits."""
+        return [self.layer, *self.retained_layers]
+
     def objects(self) -> list[str]:
-        names = [self.layer, self.manifest, self.contents]
+        names = [*self.layers(), self.manifest, self.contents]
         return names + ([self.manifest_reference] if self.manifest_reference else [])
 
 
@@ -147,8 +156,14 @@ def _as_int(spec: str | int) -> int | None:
 
 
 def encode(head: Head) -> bytes:
-    document: dict[str, Any] = {"format": "deltatar-head", "version": HEAD_VERSION}
+    retains = any(record.retained_layers for record in head.visits)
+    version = HEAD_VERSION if retains else 1
+    document: dict[str, Any] = {"format": "deltatar-head", "version": version}
     document.update(asdict(head))
+    if not retains:
+        for item in document["visits"]:
+            for key in RETAINED_FIELDS:
+                del item[key]
     document["checksum"] = _checksum(document)
     return json.dumps(document, indent=1).encode()
 

@@ -114,6 +114,19 @@ class LayerWriter:
             self._end_frame()
             self._buffer_level = self.level
 
+    def copy_members(self, chunks: Iterable[bytes]) -> int:
+        """Append tar bytes that already form whole members; return their offset.
+
+        Compaction uses this to carry another layer's members over unchanged,
+        so every offset inside them moves by the same amount.
+        """
+        start = self._raw_offset
+        for chunk in chunks:
+            self._write(chunk)
+        if (self._raw_offset - start) % BLOCK:
+            raise ValueError("copied tar bytes do not end on a block boundary")
+        return start
+
     def finish(self) -> LayerSummary:
         """Close the tar stream, write the seek table and fsync the file."""
         self._write(bytes(2 * BLOCK))

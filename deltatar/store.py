@@ -34,6 +34,7 @@ import pyzstd
 
 from . import head as head_module
 from . import manifest as manifest_module
+from . import policy as policy_module
 from .backend import Backend, LocalBackend
 from .content import apply_patch, make_patch, prefix_of, validate
 from .delta import Settings
@@ -41,6 +42,7 @@ from .errors import CorruptStore, StoreNotFound, UsageError
 from .formats import check_document
 from .head import Head, VisitRecord
 from .manifest import Manifest, StoredContent, gc_paused
+from .policy import Policy
 
 logger = logging.getLogger(__name__)
 
@@ -130,7 +132,7 @@ class Store:
             return materialize_visit(self, visit, Path(dest), **options)
 
     def compact(self, keep_last: int | None = None, **options: Any) -> dict[str, Any]:
-        """Squash the chain into a new base, dropping visits older than kept."""
+        """Apply the compaction policy: drop, merge, rebase (see compact.py)."""
         from .compact import compact_store
 
         with gc_paused():
@@ -275,19 +277,22 @@ class Store:
 
     # -- configuration -----------------------------------------------------------
 
-    def settings(self) -> Settings:
-        """The store's settings, each checked against the bounds it may take."""
+    def _config_document(self) -> dict[str, Any]:
         try:
             data = self.backend.read(CONFIG_NAME)
         except CorruptStore:
-            return Settings()
+            return {}
         try:
             document = json.loads(data)
-            items = document.items()
-        except (ValueError, AttributeError):
-            raise CorruptStore(
-                f"{self.location}: {CONFIG_NAME} does not parse"
-            ) from None
+        except ValueError:
+            document = None
+        if not isinstance(document, dict):
+            raise CorruptStore(f"{self.location}: {CONFIG_NAME} does not parse")
+        return document
+
+    def settings(self) -> Settings:
+        """The store's settings, each checked against the bounds it may take."""
+        items = self._config_document().items()
         known = {item.name for item in fields(Settings)}
         values = {key: value for key, value in items if key in known}
         for key, value in values.items():
@@ -299,21 +304,38 @@ class Store:
                 )
         return Settings(**values)
 
-    def save_settings(self, settings: Settings) -> None:
+    def policy(self) -> Policy:
+        """The store's compaction policy (``policy`` in the config)."""
+        where = f"{self.location}: {CONFIG_NAME}"
+        try:
+            return policy_module.from_document(
+                self._config_document().get("policy"), where
+            )
+        except UsageError as error:
+            raise CorruptStore(f"{where}: {error}") from None
+
+    def save_settings(self, settings: Settings, policy: Policy | None = None) -> None:
         """Write the settings durably (callers hold the writer lock)."""
-        document = json.dumps(asdict(settings), indent=1).encode()
+        chosen = self.policy() if policy is None else policy
+        document = asdict(settings)
+        if chosen.as_document():
+            document["policy"] = chosen.as_document()
+        document = json.dumps(document, indent=1).encode()
         staging = self.backend.scratch_dir() / f"config-{secrets.token_hex(4)}"
         staging.write_bytes(document)
         self.backend.replace_config(staging)
 
-    def config_items(self) -> dict[str, int]:
-        """The settings by the names ``deltatar config`` uses."""
-        settings = asdict(self.settings())
-        return {name.replace("_", "-"): value for name, value in settings.items()}
+    def config_items(self) -> dict[str, int | str | None]:
+        """The settings and the policy by the names ``deltatar config`` uses."""
+        items = asdict(self.settings()) | asdict(self.policy())
+        return {name.replace("_", "-"): value for name, value in items.items()}
 
     def configure(self, key: str, value: str) -> None:
         """Change one setting, checking the value first."""
         field_name = key.replace("-", "_")
+        if key in policy_module.POLICY_KEYS:
+            self._configure_policy(key, value)
+            return
         bounds = SETTING_BOUNDS.get(field_name)
         if bounds is None:
             known = ", ".join(self.config_items())
@@ -332,12 +354,22 @@ class Store:
             setattr(settings, field_name, number)
             self.save_settings(settings)
 
+    def _configure_policy(self, key: str, value: str) -> None:
+        parsed = policy_module.parse_value(key, value)
+        with self.backend.writer_lock(self.lock_timeout, f"config {key}"):
+            policy = self.policy()
+            setattr(policy, key.replace("-", "_"), parsed)
+            self.save_settings(self.settings(), policy)
+
     # -- writing -----------------------------------------------------------------
 
     @contextlib.contextmanager
-    def writing(self, purpose: str) -> Iterator[tuple[Head, str | None]]:
+    def writing(
+        self, purpose: str, timeout: float | None = None
+    ) -> Iterator[tuple[Head, str | None]]:
         """Hold the writer lock, tidy leftovers, and yield the current head."""
-        with self.backend.writer_lock(self.lock_timeout, purpose):
+        wait = self.lock_timeout if timeout is None else timeout
+        with self.backend.writer_lock(wait, purpose):
             head, token = self.read_head_with_token()
             self.collect_garbage(head, token)
             head, token = self.read_head_with_token()
