@@ -13,9 +13,9 @@ size of the store (the algorithm is in docs/format.md, *Compaction*):
   the last base have grown too large relative to it.
 
 Only manifests whose recipes moved are written again.  Visit numbers never
-change.  Each step commits its own head; nothing is deleted before the head
-that stops naming it is durable, and retired objects a reader may still need
-stay listed as garbage until no reader holds the reader guard.
+change.  All steps of one run are committed by a single head; nothing is
+deleted before that head is durable, and retired objects a reader may still
+need stay listed as garbage until no reader holds the reader guard.
 """
 
 from __future__ import annotations
@@ -175,20 +175,17 @@ def _merge_due(
 
 def _execute(store, head: Head, token, plan: Plan, merge_all: bool):
     report = _report(store, plan, dry_run=False)
+    _check_space(store, report["bytes_needed"], margin=1.0)
     objects_before = _object_names(store)
-    if plan.dropped:
-        head, token = _drop(store, head, token, plan)
-    if plan.rebase:
-        head, token = _rebase_latest(store, head, token)
-    elif plan.merge:
-        # The drop may have renamed nothing, but plan again from the head it
-        # committed so the merge names only layers that head holds.
-        window = _merge_due(head.visits, plan.policy, merge_all, [])
-        if window:
-            head, token = _merge(store, head, token, window)
+    try:
+        records = _apply(store, head.visits, plan, merge_all)
+    except BaseException:
+        _remove_written(store, objects_before)
+        raise
     report["bytes_written"] = sum(
         store.backend.size(name) for name in _object_names(store) - objects_before
     )
+    _commit(store, head, token, records)
     report["store_bytes_after"] = store.disk_usage()
     logger.info(
         "compacted %s: kept visits %s, dropped %d, merged %d layers%s",
@@ -201,6 +198,32 @@ def _execute(store, head: Head, token, plan: Plan, merge_all: bool):
     return report
 
 
+def _apply(store, visits: list[VisitRecord], plan: Plan, merge_all: bool):
+    """Run the plan's steps on the head's records; the caller commits once.
+
+    One commit for all steps keeps a failed compaction (a full disk, a
+    crash) from leaving half of its work visible: the store stays exactly
+    as it was, and what the steps wrote is unnamed and deleted.
+    """
+    records = visits
+    if plan.dropped:
+        records = _drop(store, visits, plan)
+    if plan.rebase:
+        records = _rebase_latest(store, records)
+    elif plan.merge:
+        # Plan the window again on the records the drop produced.
+        window = _merge_due(records, plan.policy, merge_all, [])
+        if window:
+            records = _merge(store, records, window)
+    return records
+
+
+def _remove_written(store, objects_before: set[str]) -> None:
+    """Delete what a failed compaction wrote (no head names it yet)."""
+    for name in _object_names(store) - objects_before:
+        store.backend.delete(name)
+
+
 def _object_names(store) -> set[str]:
     names: set[str] = set()
     for kind in ("layers/", "manifests/", "contents/"):
@@ -208,33 +231,35 @@ def _object_names(store) -> set[str]:
     return names
 
 
-def _commit(store, head: Head, token, records: list[VisitRecord]):
-    """Name only ``records`` in the head; what they stopped naming is garbage."""
+def _commit(store, head: Head, token, records: list[VisitRecord]) -> None:
+    """Name only ``records`` in the head; what they stopped naming is garbage.
+
+    Objects an earlier step wrote and a later step replaced were never named
+    by a committed head; the garbage collection right after deletes them.
+    """
     before = head.referenced_objects()
     head.visits = records
     retired = before - head.referenced_objects()
     head.garbage = sorted(set(head.garbage) | retired)
     store.commit_head(head, token)
     store.collect_garbage(*store.read_head_with_token())
-    return store.read_head_with_token()
 
 
-def _drop(store, head: Head, token, plan: Plan):
+def _drop(store, visits: list[VisitRecord], plan: Plan) -> list[VisitRecord]:
     """Drop visits, keeping or carrying what kept visits still need."""
     kept = plan.kept
     source = ContentSource(store.backend)
     moves = Moves()
     retired = _layers_of(plan.dropped) - _layers_of(kept)
-    predecessor_changed = _first_after_gaps(head.visits, kept)
+    predecessor_changed = _first_after_gaps(visits, kept)
     live = _live_ranges(store, kept, retired, moves, predecessor_changed)
-    vessels = _vessels(head.visits, kept, live)
+    vessels = _vessels(visits, kept, live)
     adopted = _adopted(source, live)
     carried = {layer: spans for layer, spans in live.items() if layer not in adopted}
     _check_space(store, _carry_estimate(store, source, carried))
     written = _write_carried(store, vessels, carried, source, moves)
     kept = _retain(kept, vessels, adopted, written, store)
-    records = _rewrite_visits(store, kept, moves, {}, predecessor_changed, None)
-    return _commit(store, head, token, records)
+    return _rewrite_visits(store, kept, moves, {}, predecessor_changed, None)
 
 
 def _layers_of(records: list[VisitRecord]) -> set[str]:
@@ -370,8 +395,12 @@ class _new_layer:
         if kind is not None:
             self.writer.abort()
             return
-        self.writer.finish()
-        self.store.backend.put_file(self.name, self.staging)
+        try:
+            self.writer.finish()
+            self.store.backend.put_file(self.name, self.staging)
+        except BaseException:
+            self.writer.abort()
+            raise
 
 
 def _rewrite_visits(store, visits, moves, fresh, predecessor_changed, before):
@@ -469,34 +498,34 @@ def _share_layer_bytes(store, records: list[VisitRecord]) -> list[VisitRecord]:
     return shared
 
 
-def _merge(store, head: Head, token, window: list[str]):
+def _merge(store, visits: list[VisitRecord], window: list[str]):
     """Copy adjacent delta layers into one; the base is not touched."""
     source = ContentSource(store.backend)
     moves = Moves()
-    owner = _owner(window[-1], head.visits)
+    owner = _owner(window[-1], visits)
     _check_space(store, sum(store.backend.size(layer) for layer in window))
     name = store.new_object_name("layers", owner, ".tar.zst")
     with _new_layer(store, name) as writer:
         for layer in window:
             copy_layer(writer, source, layer, name, moves)
-    first = min(r.visit for r in head.visits if r.layer in window)
-    unchanged = [r for r in head.visits if r.visit < first]
-    later = [r for r in head.visits if r.visit >= first]
+    first = min(r.visit for r in visits if r.layer in window)
+    unchanged = [r for r in visits if r.visit < first]
+    later = [r for r in visits if r.visit >= first]
     before = unchanged[-1] if unchanged else None
     records = unchanged + _rewrite_visits(store, later, moves, {}, set(), before)
-    return _commit(store, head, token, records)
+    return records
 
 
-def _rebase_latest(store, head: Head, token):
+def _rebase_latest(store, visits: list[VisitRecord]) -> list[VisitRecord]:
     """Give the latest visit a base; earlier visits keep their layers."""
-    latest = head.visits[-1]
-    _check_space(store, _base_estimate(head.visits, latest))
+    latest = visits[-1]
+    _check_space(store, _base_estimate(visits, latest))
     source = ContentSource(store.backend)
     moves = Moves()
     fresh = {latest.visit: _write_base(store, latest, source, moves)}
-    before = head.visits[-2] if len(head.visits) > 1 else None
+    before = visits[-2] if len(visits) > 1 else None
     rewritten = _rewrite_visits(store, [latest], moves, fresh, set(), before)
-    return _commit(store, head, token, head.visits[:-1] + rewritten)
+    return visits[:-1] + rewritten
 
 
 # -- space and reports ---------------------------------------------------------
@@ -517,8 +546,8 @@ def _carry_estimate(store, source, carried) -> int:
     return total
 
 
-def _check_space(store, needed_bytes: int) -> None:
-    needed = int(SPACE_MARGIN * needed_bytes)
+def _check_space(store, needed_bytes: int, margin: float = SPACE_MARGIN) -> None:
+    needed = int(margin * needed_bytes)
     free = store.backend.free_bytes()
     if free is not None and free < needed:
         raise NoSpace(
@@ -528,8 +557,25 @@ def _check_space(store, needed_bytes: int) -> None:
         )
 
 
+def _space_needed(plan: Plan, sizes: dict[str, int], retired: set[str]) -> int:
+    """An upper bound, from the head alone, of what all steps of ``plan`` write.
+
+    A retired layer is carried only when less than half of it is live, so
+    retention writes at most half of the retired bytes; a merge writes its
+    window again; a rebase at most the latest visit's chain.
+    """
+    needed = sum(sizes.get(layer, 0) for layer in retired) // 2
+    needed += sum(sizes.get(layer, 0) for layer in plan.merge)
+    if plan.rebase:
+        needed += _base_estimate(plan.kept, plan.kept[-1])
+    return needed
+
+
 def _report(store, plan: Plan, dry_run: bool) -> dict[str, Any]:
     sizes = policy_module.layer_sizes(plan.kept + plan.dropped)
+    for record in plan.kept + plan.dropped:
+        for name in record.retained_layers:
+            sizes[name] = store.backend.size(name)
     retired = _layers_of(plan.dropped) - _layers_of(plan.kept)
     return {
         "did": "would compact"
@@ -542,6 +588,7 @@ def _report(store, plan: Plan, dry_run: bool) -> dict[str, Any]:
         "merged_bytes": sum(sizes.get(layer, 0) for layer in plan.merge),
         "rebase": plan.rebase,
         "retired_layer_bytes": sum(sizes.get(layer, 0) for layer in retired),
+        "bytes_needed": int(SPACE_MARGIN * _space_needed(plan, sizes, retired)),
         "store_bytes_before": store.disk_usage(),
     }
 

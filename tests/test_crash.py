@@ -95,12 +95,19 @@ def head_document(store: Path) -> dict:
     return json.loads((store / "HEAD").read_bytes())
 
 
+def head_objects(record: dict) -> list[str]:
+    """Every object one visit of the head names (docs/format.md, *Head*)."""
+    names = [record["layer"], record["manifest"], record["contents"]]
+    names += record.get("retained_layers", [])
+    return names + [record["manifest_reference"]] * bool(record["manifest_reference"])
+
+
 def leftovers(store: Path) -> list[str]:
     """Files of the store that its head does not name (nor lists as garbage)."""
     head = head_document(store)
     named = set(head.get("garbage", []))
     for record in head["visits"]:
-        named.update((record["layer"], record["manifest"], record["contents"]))
+        named.update(head_objects(record))
     extra = []
     for kind in OBJECT_DIRS:
         for name in sorted(os.listdir(store / kind)):
@@ -114,11 +121,8 @@ def leftovers(store: Path) -> list[str]:
 def named_bytes(store: Path) -> int:
     """Bytes of the objects the head names plus the store's own small files."""
     head = head_document(store)
-    total = sum(
-        (store / name).stat().st_size
-        for record in head["visits"]
-        for name in (record["layer"], record["manifest"], record["contents"])
-    )
+    named = {name for record in head["visits"] for name in head_objects(record)}
+    total = sum((store / name).stat().st_size for name in named)
     total += sum(
         (store / name).stat().st_size for name in STORE_FILES if (store / name).exists()
     )
@@ -337,6 +341,58 @@ def test_kill_during_compact_keeps_every_visit(tmp_path, request, capsys) -> Non
     compact_round(series, kills=3)
     report(request, capsys, tmp_path, series, "compact")
     assert series.kills == 3
+
+
+AUTO_POLICIES = {
+    "carry and merge": ("keep-last", "4", "max-chain", "2"),
+    "carry and rebase": ("keep-last", "4", "max-delta-percent", "40"),
+}
+
+
+def auto_compact_round(
+    series: Series, kills: int, policy: tuple[str, ...], every_visit: bool = True
+) -> None:
+    """Kill ``compact --auto`` while it drops, carries, merges or rebases."""
+    store = series.store
+    expected = build_chain(series, visits=6)
+    for key, value in zip(policy[::2], policy[1::2], strict=True):
+        run_cli("config", "--store", store, key, value)
+    args = ("compact", "--auto", "--store", store, "-q")
+    rehearsal = series.base / "rehearsal"
+    shutil.copytree(store, rehearsal)
+    longest = 1.1 * timed_run("compact", "--auto", "--store", rehearsal, "-q")
+    shutil.rmtree(rehearsal)
+
+    wanted = series.kills + kills
+    while series.kills < wanted:
+        assert series.attempts < 4 * wanted, "the compactions keep finishing first"
+        series.attack(args, longest)
+        visits = log_visits(store)
+        assert visits in (expected, expected[-4:]), (
+            f"after a killed compact --auto the store lists {visits}; "
+            f"expected {expected} or {expected[-4:]}"
+        )
+        expected = visits
+        series.assert_sound(expected, every_visit)
+        # One more visit gives the next run a visit to drop again.
+        small_append(series, expected)
+
+    run_cli("compact", "--auto", "--store", store)
+    expected = expected[-4:]
+    assert leftovers(store) == []
+    series.assert_sound(expected)
+    extra = store_size(store) - named_bytes(store)
+    assert extra == 0, f"{extra} bytes not named by the head: {leftovers(store)}"
+
+
+@pytest.mark.parametrize("name", list(AUTO_POLICIES))
+def test_kill_during_auto_compact_keeps_every_visit(
+    tmp_path, request, capsys, name
+) -> None:
+    series = Series(tmp_path, random.Random(2416 + len(name)))
+    auto_compact_round(series, kills=2, policy=AUTO_POLICIES[name])
+    report(request, capsys, tmp_path, series, f"compact --auto ({name})")
+    assert series.kills == 2
 
 
 # ------------------------------------------------------------- materialize

@@ -109,6 +109,10 @@ def leftovers(store: Path) -> list[str]:
     named = set(head.get("garbage", []))
     for record in head["visits"]:
         named.update((record["layer"], record["manifest"], record["contents"]))
+        named.update(record.get("retained_layers", []))
+        named.update(
+            [record["manifest_reference"]] * bool(record["manifest_reference"])
+        )
     extra = [f"tmp/{name}" for name in sorted(os.listdir(store / "tmp"))]
     for kind in OBJECT_DIRS:
         extra += [
@@ -271,39 +275,79 @@ def test_append_retried_on_full_disk_does_not_pile_up(tmp_path, small) -> None:
 # ----------------------------------------------------------------- compact
 
 
-def copies_chain(base: Path, small: Path) -> Chain:
-    """An 8 MiB file, then three copies of it, then a new 4 MiB file.
+def _text(size: int, seed: int) -> bytes:
+    import random
 
-    The copies arrive in a delta layer, which stores them once, but a base
-    rebuilt for their visit holds every copy (see docs/format.md): compacting
-    with ``--keep-last 2`` writes about 36 MiB for a store of about 12 MiB, so
-    the up-front estimate passes and the disk still fills up midway.
+    rng = random.Random(seed)
+    words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta"]
+    text = " ".join(
+        rng.choice(words) + str(rng.randrange(1000)) for _ in range(size // 6)
+    )
+    return text.encode()[:size]
+
+
+def level_change_chain(base: Path, small: Path) -> Chain:
+    """Text stored at zstd level 12, then the store's level set to -7.
+
+    Eight 1 MiB files; visit 2 rewrites five, visit 3 adds three, visit 4
+    rewrites two.  Compacting with ``--keep-last 3`` carries the live three
+    eighths of the base and merges the delta layers of visits 3 and 4,
+    compressing again at level -7: it writes far more than the stored sizes
+    its up-front estimate is made of, so the estimate passes and the disk
+    still fills up midway.
     """
+    from deltatar import Store
+
     chain = Chain(base, small / "store")
-    chain.add("a", 8 * MIB, seed=11)
+    Store.open_or_create(chain.store).configure("level", "12")
+    for number in range(8):
+        (chain.src / f"t{number}").write_bytes(_text(MIB, seed=number))
     chain.append()
-    for name in ("a1", "a2", "a3"):
-        shutil.copyfile(chain.src / "a", chain.src / name)
+    for number in range(5):
+        (chain.src / f"t{number}").write_bytes(_text(MIB, seed=100 + number))
     chain.append()
-    chain.add("b", 4 * MIB, seed=12)
+    for number in range(8, 11):
+        (chain.src / f"t{number}").write_bytes(_text(MIB, seed=200 + number))
     chain.append()
+    for number in (0, 8):
+        (chain.src / f"t{number}").write_bytes(_text(MIB, seed=300 + number))
+    chain.append()
+    run_cli("config", "--store", chain.store, "level", "-7")
     return chain
 
 
-# Free space left: not enough for the new base; enough for the base but not
-# for the delta after it.
-@pytest.mark.parametrize("leave_mib", [20, 33])
-def test_compact_on_full_disk_changes_nothing(tmp_path, small, leave_mib) -> None:
-    chain = copies_chain(tmp_path, small)
-    head = (chain.store / "HEAD").read_bytes()
-    filler = fill(small, leave=leave_mib * MIB)
+def rehearse_compact(chain: Chain) -> tuple[int, int]:
+    """What compaction estimates and writes, on a copy on ordinary disk."""
+    copy = chain.base / "rehearsal"
+    shutil.copytree(chain.store, copy)
+    args = ("compact", "--store", copy, "--keep-last", "3", "--json")
+    needed = run_json(*args, "--dry-run")["bytes_needed"]
+    written = run_json(*args)["bytes_written"]
+    shutil.rmtree(copy)
+    return needed, written
 
-    result = run_cli("compact", "--store", chain.store, "--keep-last", "2", check=False)
+
+# Free space left, between what the estimate asks for and what is written.
+@pytest.mark.parametrize("share", [0.25, 0.75])
+def test_compact_on_full_disk_changes_nothing(tmp_path, small, share) -> None:
+    chain = level_change_chain(tmp_path, small)
+    needed, written = rehearse_compact(chain)
+    assert needed < written, (needed, written)
+    head = (chain.store / "HEAD").read_bytes()
+    before = leftovers(chain.store), sorted(os.listdir(chain.store / "layers"))
+    filler = fill(small, leave=int(needed + share * (written - needed)))
+
+    result = run_cli("compact", "--store", chain.store, "--keep-last", "3", check=False)
 
     assert_no_space_error(result, chain.store)
     chain.assert_intact(head)
+    # A failed compaction deletes what it wrote.
+    assert (
+        leftovers(chain.store),
+        sorted(os.listdir(chain.store / "layers")),
+    ) == before
     filler.unlink()
-    run_cli("compact", "--store", chain.store, "--keep-last", "2")
+    run_cli("compact", "--store", chain.store, "--keep-last", "3")
     assert leftovers(chain.store) == []
     chain.references[0] = None
     chain.assert_intact((chain.store / "HEAD").read_bytes())
@@ -327,7 +371,7 @@ def test_compact_with_one_mib_free_reports_no_space(tmp_path, small) -> None:
 
 def test_compact_refuses_up_front_and_says_what_it_needs(tmp_path, small) -> None:
     chain = br24_chain(tmp_path, small)
-    # Compaction keeps a base that stays the oldest visit and rewrites the rest.
+    # Compaction merges the two delta layers; the base is not rewritten.
     visits = run_json("log", "--store", chain.store, "--json")["visits"]
     stored = sum(v["bytes_stored"] for v in visits[1:])
     head = (chain.store / "HEAD").read_bytes()

@@ -76,6 +76,50 @@ def test_store_written_by_an_earlier_format_still_materializes(fixture, tmp_path
     assert store.verify() == []
 
 
+@pytest.mark.parametrize("fixture", FIXTURES, ids=[f.name for f in FIXTURES])
+def test_compacting_a_store_of_an_earlier_format_keeps_its_visits(fixture, tmp_path):
+    store_copy = tmp_path / "store"
+    shutil.copytree(fixture / "store", store_copy)
+    expected = json.loads((fixture / "expected.json").read_text())
+    store = Store.open(store_copy)
+    store.compact(keep_last=2)
+    kept = [str(record.visit) for record in store.visits()]
+    assert kept == sorted(expected, key=int)[-2:]
+    for visit in kept:
+        dest = tmp_path / f"visit-{visit}"
+        store.materialize(int(visit), dest)
+        assert describe(dest) == expected[visit]
+    assert store.verify() == []
+
+
+def test_head_that_retains_layers_is_version_2_and_refused_by_version_1_readers(
+    tmp_path,
+):
+    from deltatar.errors import UnsupportedFormat
+    from deltatar.formats import check_document
+
+    src = tmp_path / "src"
+    src.mkdir()
+    store = Store.open_or_create(tmp_path / "store")
+    (src / "kept").write_bytes(random.Random(3).randbytes(100_000))
+    for number in range(3):
+        (src / "note").write_bytes(bytes([number]) * 10)
+        store.append(src)
+    store.compact(keep_last=1)
+    head = json.loads((tmp_path / "store" / "HEAD").read_bytes())
+    assert head["version"] == 2 and head["visits"][0]["retained_layers"]
+    # A version-1 reader checks the head with newest=1: it must refuse, not
+    # misread the store and delete the retained layers it does not know.
+    with pytest.raises(
+        UnsupportedFormat, match="version 2 is newer than the version 1"
+    ):
+        check_document(head, "deltatar-head", 1, "HEAD")
+    head["version"] = 3
+    (tmp_path / "store" / "HEAD").write_text(json.dumps(head))
+    with pytest.raises(UnsupportedFormat, match="version 3"):
+        Store.open(tmp_path / "store").visits()
+
+
 def test_fixture_for_the_current_format_exists():
     from deltatar.store import STORE_VERSION
 

@@ -5,7 +5,11 @@ append, truncate, delete, rename files and directories, swap a file for a
 directory, chmod, retarget symlinks, hardlink, touch with an old mtime, same
 size edits that keep the mtime).  After each batch a visit is appended and the
 tree captured; at the end every visit is materialized and compared, then the
-store is compacted and every kept visit is compared again.
+store is compacted and every kept visit is compared again.  A generated
+policy (retention on chosen visit times, merges, rebases) then compacts it
+once more, a visit is appended and the policy applied again, so layers that
+compaction carried or retained are themselves dropped; every kept visit is
+compared after each step.
 
 The store runs with tiny block sizes so that the large-file (block) path is
 exercised by files of a few hundred KiB.
@@ -25,6 +29,7 @@ from hypothesis import strategies as st
 
 from deltatar import Store
 from deltatar.delta import Settings
+from deltatar.policy import Policy
 
 NAMES = ["a", "b", "sub", os.fsdecode(b"n\xff"), "x y"]
 PATHS = [
@@ -193,7 +198,26 @@ def _small_block_settings(store: Store) -> None:
     )
 
 
-def check_history(batches: list[list[tuple]], keep_last: int | None) -> None:
+T0 = 1_767_571_200 * 10**9
+MINUTE = 60 * 10**9
+
+policies = st.builds(
+    Policy,
+    keep_last=st.one_of(st.none(), st.integers(1, 4)),
+    keep_within=st.one_of(st.none(), st.sampled_from(["30m", "3h", "1d"])),
+    keep_hourly=st.one_of(st.none(), st.integers(1, 3)),
+    keep_daily=st.one_of(st.none(), st.integers(1, 2)),
+    max_chain=st.one_of(st.none(), st.integers(1, 3)),
+    max_delta_percent=st.one_of(st.none(), st.sampled_from([1, 30, 300])),
+)
+
+
+def check_history(
+    batches: list[list[tuple]],
+    keep_last: int | None,
+    policy: Policy | None = None,
+    spacing: int = 60,
+) -> None:
     with tempfile.TemporaryDirectory() as scratch:
         root = Path(scratch)
         src, store_path = root / "src", root / "src" / ".store"
@@ -201,17 +225,33 @@ def check_history(batches: list[list[tuple]], keep_last: int | None) -> None:
         store = Store.open_or_create(store_path)
         _small_block_settings(store)
         expected = {}
-        for batch in batches:
+        for number, batch in enumerate(batches):
             for step in batch:
                 apply_mutation(src, step)
-            record = store.append(src)
+            when = T0 + (number * spacing + number * number % 7) * MINUTE
+            record = store.append(src, visit_time_ns=when)
             expected[record.visit] = tree_state(src, exclude=[".store"])
         _compare_all(store, root / "out", expected)
         assert store.verify() == []
         store.compact(keep_last=keep_last)
-        kept = {record.visit: expected[record.visit] for record in store.visits()}
-        _compare_all(store, root / "compacted", kept)
-        assert store.verify() == []
+        _compare_kept(store, root / "compacted", expected)
+        if policy is None:
+            return
+        store.compact(auto=True, policy=policy)
+        _compare_kept(store, root / "policy", expected)
+        for step in batches[0]:
+            apply_mutation(src, step)
+        when = T0 + (len(batches) + 1) * spacing * MINUTE
+        record = store.append(src, visit_time_ns=when)
+        expected[record.visit] = tree_state(src, exclude=[".store"])
+        store.compact(auto=True, policy=policy)
+        _compare_kept(store, root / "again", expected)
+
+
+def _compare_kept(store: Store, out: Path, expected: dict) -> None:
+    kept = {record.visit: expected[record.visit] for record in store.visits()}
+    _compare_all(store, out, kept)
+    assert store.verify() == []
 
 
 def _compare_all(store: Store, out: Path, expected: dict) -> None:
@@ -227,9 +267,16 @@ def _compare_all(store: Store, out: Path, expected: dict) -> None:
     derandomize=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
-@given(batches=history, keep_last=st.one_of(st.none(), st.integers(1, 3)))
-def test_every_visit_round_trips_before_and_after_compaction(batches, keep_last):
-    check_history(batches, keep_last)
+@given(
+    batches=history,
+    keep_last=st.one_of(st.none(), st.integers(1, 3)),
+    policy=policies,
+    spacing=st.integers(1, 600),
+)
+def test_every_visit_round_trips_before_and_after_compaction(
+    batches, keep_last, policy, spacing
+):
+    check_history(batches, keep_last, policy, spacing)
 
 
 @pytest.mark.slow
@@ -238,6 +285,11 @@ def test_every_visit_round_trips_before_and_after_compaction(batches, keep_last)
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
-@given(batches=history, keep_last=st.one_of(st.none(), st.integers(1, 3)))
-def test_many_random_histories_round_trip(batches, keep_last):
-    check_history(batches, keep_last)
+@given(
+    batches=history,
+    keep_last=st.one_of(st.none(), st.integers(1, 3)),
+    policy=policies,
+    spacing=st.integers(1, 600),
+)
+def test_many_random_histories_round_trip(batches, keep_last, policy, spacing):
+    check_history(batches, keep_last, policy, spacing)
