@@ -282,6 +282,8 @@ def _adopted(source: ContentSource, live: dict[str, list]) -> set[str]:
     return adopted
 
 
+# TODO: a kept visit's retained layers are examined again only when that visit
+# is dropped, so a long-kept visit (keep-monthly) can hold a layer gone dead.
 def _retain(kept, vessels, adopted, written, store) -> list[VisitRecord]:
     """Name adopted and newly written layers in their vessel visit's record."""
     retained: dict[int, list[str]] = {}

@@ -180,6 +180,8 @@ def layer_sizes(visits: list[VisitRecord]) -> dict[str, int]:
     return sizes
 
 
+# TODO: only visits' own layers are merged; small retained layers that carried
+# bytes pile up beside their vessel until it is dropped.
 def merge_window(visits: list[VisitRecord], max_chain: int) -> list[str]:
     """Adjacent delta layers to merge so the chain drops to half of ``max_chain``.
 

@@ -48,7 +48,9 @@ def _verify_visit(
         return [f"{where}: {error}"]
     if manifest.tree_digest() != record.tree_digest:
         return [f"{where}: manifest does not match the tree digest in the head"]
-    problems = _verify_layer(source, record.layer, quick, checked)
+    problems = []
+    for layer in record.layers():
+        problems += _verify_layer(source, layer, quick, checked)
     problems = [f"{where}: {problem}" for problem in problems]
     for entry in manifest.entries:
         if entry.type != FILE or entry.hardlink_of is not None:
