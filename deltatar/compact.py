@@ -343,7 +343,8 @@ def _vessels(every, kept, live) -> dict[str, VisitRecord]:
     vessels = {}
     for layer in live:
         owner = _owner(layer, every)
-        vessels[layer] = next(r for r in kept if r.visit > owner and r.kind != "base")
+        later = [r for r in kept if r.visit > owner]
+        vessels[layer] = next((r for r in later if r.kind != "base"), later[0])
     return vessels
 
 
@@ -575,11 +576,11 @@ def _space_needed(plan: Plan, sizes: dict[str, int], retired: set[str]) -> int:
 
 def _report(store, plan: Plan, dry_run: bool) -> dict[str, Any]:
     sizes = policy_module.layer_sizes(plan.kept + plan.dropped)
-    for record in plan.kept + plan.dropped:
+    for record in plan.dropped:
         for name in record.retained_layers:
             sizes[name] = store.backend.size(name)
     retired = _layers_of(plan.dropped) - _layers_of(plan.kept)
-    return {
+    report = {
         "did": "would compact"
         if dry_run
         else ("compacted" if plan.due else "nothing due"),
@@ -591,8 +592,10 @@ def _report(store, plan: Plan, dry_run: bool) -> dict[str, Any]:
         "rebase": plan.rebase,
         "retired_layer_bytes": sum(sizes.get(layer, 0) for layer in retired),
         "bytes_needed": int(SPACE_MARGIN * _space_needed(plan, sizes, retired)),
-        "store_bytes_before": store.disk_usage(),
     }
+    if plan.due:
+        report["store_bytes_before"] = store.disk_usage()
+    return report
 
 
 def _idle_report(store, plan: Plan, why: str) -> dict[str, Any]:
