@@ -15,7 +15,14 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import assert_same_tree, run_cli, run_json, tree_state
+from conftest import (
+    assert_same_tree,
+    cli_command,
+    cli_env,
+    run_cli,
+    run_json,
+    tree_state,
+)
 
 from deltatar import Store
 from deltatar.backend import LocalBackend
@@ -398,3 +405,18 @@ def test_rebase_gives_the_latest_visit_a_base_tar_extracts(
         assert_same_tree(timed.references[visit], tree_state(out))
     timed.assert_kept_round_trip()
     assert timed.compact("--auto")["did"] == "nothing due"
+
+
+def test_two_auto_compactions_at_once_both_exit_zero(timed: TimedStore) -> None:
+    chain_of_small_deltas(timed, deltas=6)
+    timed.config("keep-last", "3", "max-chain", "1")
+    command = cli_command("compact", "--auto", "--store", timed.path)
+    runs = [
+        subprocess.Popen(command, env=cli_env(), stdout=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    lines = sorted(run.communicate(timeout=120)[0].strip() for run in runs)
+    assert [run.returncode for run in runs] == [0, 0], lines
+    assert any(line.startswith("compacted") for line in lines), lines
+    assert timed.kept() == [5, 6, 7]
+    timed.assert_kept_round_trip()
