@@ -36,11 +36,11 @@ VISIT_HELP = "number, -N from the latest (-1), a unique message, or msg:TEXT"
 DIRECTORY_COMPLETION = {"bash": "_shtab_compgen_dirs", "zsh": "_files -/"}
 
 OVERVIEW = """\
-a short tour (S is the store's directory; --store S or DELTATAR_STORE=S):
-  deltatar append ./node --store S -m 'after verify'    record the next visit
-  deltatar log --store S                                 visits and store growth
-  deltatar diff --store S 3 -1                           what changed since visit 3
-  deltatar materialize --store S --visit 3 /tmp/v3       rebuild visit 3
+a short tour (S is the store's directory: --store S, or set DELTATAR_STORE):
+  deltatar append ./node --store S -m 'after verify'   record the next visit
+  deltatar log --store S                                visits and store growth
+  deltatar diff --store S 3 -1                          changes since visit 3
+  deltatar materialize --store S --visit 3 /tmp/v3      rebuild visit 3
 
 'deltatar COMMAND --help' shows a command's options and examples.
 exit status: 0 ok, 1 error (verify: damage found), 2 bad usage, 130 interrupted"""
@@ -49,8 +49,10 @@ EXAMPLES = {
     "append": """\
 examples:
   deltatar append ./node --store ./node/.deltatar -m 'visit 3: verify failed'
-  deltatar append ./node --store ./node/.deltatar --dry-run       # cost it first
-  deltatar append ./node --exclude '*.tmp' --exclude .cache/ --quiet""",
+  deltatar append ./node --store ./node/.deltatar --dry-run    # cost it first
+  deltatar append ./node --exclude '*.tmp' --exclude .cache/ --quiet
+
+--dry-run marks: + added, M changed, m metadata only, - deleted""",
     "materialize": """\
 examples:
   deltatar materialize --store ./node/.deltatar --visit 3 /tmp/v3
@@ -66,8 +68,8 @@ examples:
   deltatar log --store ./node/.deltatar --json | jq '.visits[-1].bytes_stored'""",
     "verify": """\
 examples:
-  deltatar verify --store ./node/.deltatar            # every byte of every visit
-  deltatar verify --store ./node/.deltatar --quick    # structure and sizes only""",
+  deltatar verify --store ./node/.deltatar          # every byte of every visit
+  deltatar verify --store ./node/.deltatar --quick  # structure and sizes only""",
     "stats": """\
 examples:
   deltatar stats --store ./node/.deltatar
@@ -181,7 +183,10 @@ def _parser() -> argparse.ArgumentParser:
     _add_common_options(parser, argparse.SUPPRESS, top=True)
     parser.set_defaults(command=None)
     common = _Parser(add_help=False)
-    _add_common_options(common, argparse.SUPPRESS, top=False)
+    # A group of their own lists them after each command's own options.
+    _add_common_options(
+        common.add_argument_group("common options"), argparse.SUPPRESS, top=False
+    )
     commands = parser.add_subparsers(title="commands", metavar="COMMAND")
     for add in (
         _add_append,
@@ -243,7 +248,9 @@ def _add_common_options(parser, suppress, top: bool) -> None:
         choices=LOG_LEVELS,
         default=default(None),
         type=str.lower,
-        help="log threshold on stderr (overrides -v and -q)",
+        metavar="LEVEL",
+        help="debug, info, warning or error: what to log on stderr "
+        "(overrides -v and -q)",
     )
     parser.add_argument(
         "--debug",
@@ -476,7 +483,7 @@ def _append(args) -> int:
     store = Store.open_or_create(args.store)
     store.lock_timeout = args.lock_timeout
     started = time.perf_counter()
-    with _progress_bar(args, f"visit {args.src}") as progress:
+    with _progress_bar(args, "append") as progress:
         record = store.append(
             args.src,
             message=args.message,
@@ -495,8 +502,7 @@ def _append(args) -> int:
     elif not args.quiet:
         _print_out(
             f"visit {record.visit}: {_counts_text(record)}; "
-            f"{_size(record.bytes_stored)} stored "
-            f"(store {_size(store_bytes)}, {elapsed:.2f}s)"
+            f"{_size(record.bytes_stored)} stored, store {_size(store_bytes)}"
         )
     return EXIT_OK
 
@@ -512,7 +518,7 @@ def _append_dry_run(args) -> int:
         store = Store.open(args.store)
     except StoreNotFound:
         store = None  # the real append would create it; a dry run creates nothing
-    with _progress_bar(args, f"read {args.src}") as progress:
+    with _progress_bar(args, "dry run") as progress:
         preview = preview_append(
             store,
             Path(args.store),
@@ -538,7 +544,7 @@ def _preview_json(preview) -> dict[str, Any]:
         "added": len(preview.added),
         "changed": len(preview.changed),
         "deleted": len(preview.deleted),
-        "metadata_only": preview.metadata_only,
+        "metadata_only": len(preview.metadata_only),
         "new_bytes": preview.new_bytes,
         "deduplicated_bytes": preview.deduplicated_bytes,
         "estimate_bytes": preview.estimate_bytes,
@@ -546,6 +552,7 @@ def _preview_json(preview) -> dict[str, Any]:
         "paths": {
             "added": [_path_text(path) for path in preview.added],
             "changed": [_path_text(path) for path in preview.changed],
+            "metadata_only": [_path_text(path) for path in preview.metadata_only],
             "deleted": [_path_text(path) for path in preview.deleted],
         },
     }
@@ -553,25 +560,25 @@ def _preview_json(preview) -> dict[str, Any]:
 
 def _print_preview(preview, verbose: int) -> None:
     """The paths first (a few unless -v), then what the visit would cost."""
+    metadata = set(preview.metadata_only)
     marked = [("+", path) for path in preview.added]
-    marked += [("M", path) for path in preview.changed]
+    marked += [("m" if p in metadata else "M", p) for p in preview.changed]
     marked += [("-", path) for path in preview.deleted]
     shown = marked if verbose else marked[:PREVIEW_PATHS]
     lines = [f"{mark} {_escape(path)}" for mark, path in shown]
     if len(shown) < len(marked):
         lines.append(f"... and {len(marked) - len(shown)} more (-v lists all)")
-    metadata = f" ({preview.metadata_only} metadata only)" * bool(preview.metadata_only)
-    lines.append(
-        f"dry run: visit {preview.visit} would record {len(preview.added)} added, "
-        f"{len(preview.changed)} changed{metadata}, {len(preview.deleted)} deleted"
-    )
-    lines.append(
-        f"new content {_size(preview.new_bytes)}, "
-        f"{_size(preview.deduplicated_bytes)} already in the store; "
-        f"about {_size(preview.estimate_bytes)} to store; nothing was written"
-    )
-    for problem in preview.problems:
-        lines.append(f"warning: {problem}")
+    only = f" ({len(metadata)} metadata only)" if metadata else ""
+    lines += [
+        f"dry run: visit {preview.visit} would record",
+        f"  {len(preview.added)} added, {len(preview.changed)} changed{only}, "
+        f"{len(preview.deleted)} deleted",
+        f"  {_size(preview.new_bytes)} of new content, "
+        f"{_size(preview.deduplicated_bytes)} already stored",
+        f"  about {_size(preview.estimate_bytes)} to store",
+        "nothing was written",
+    ]
+    lines += [f"warning: {problem}" for problem in preview.problems]
     _print_out("\n".join(lines))
 
 
@@ -882,37 +889,70 @@ SHOW_PATHS = 10
 BAR_PARTS = " ▏▎▍▌▋▊▉█"
 SPARK_PARTS = "▁▂▃▄▅▆▇█"
 CHART_WIDTH = 10
+LOG_COLUMNS = (
+    "visit",
+    "time",
+    "message",
+    "added",
+    "chg",
+    "del",
+    "stored",
+    "total",
+    "growth",
+)
+LOG_NUMBERS = ("visit", "added", "chg", "del", "stored", "total")
 
 
 def _print_log(records, totals: list[int], store_bytes: int) -> None:
-    """The visits as a table, with a bar of the store's size after each."""
+    """The visits as a table, with a bar of the store's size after each.
+
+    Every column but the message keeps its full width; the message takes
+    what is left of the terminal and is cut with an ellipsis.
+    """
     from rich.table import Table
     from rich.text import Text
 
     if not records:
         _print_out("no visits yet; 'deltatar append SRC --store S' records one")
         return
-    table = Table(box=None, pad_edge=False, collapse_padding=True, header_style="bold")
-    table.add_column("visit", justify="right", no_wrap=True)
-    table.add_column("time", no_wrap=True)
-    table.add_column("message", overflow="ellipsis", no_wrap=True, ratio=1)
-    for column in ("added", "chg", "del", "stored", "total"):
-        table.add_column(column, justify="right", no_wrap=True)
-    table.add_column("growth", no_wrap=True, width=CHART_WIDTH)
     biggest = max(totals) or 1
-    for record, total in zip(records, totals, strict=True):
-        table.add_row(
+    this_year = time.localtime().tm_year
+    same_year = all(
+        time.localtime(record.time_ns / 1e9).tm_year == this_year for record in records
+    )
+    layout = "%m-%d %H:%M" if same_year else "%Y-%m-%d %H:%M"
+    rows = [
+        (
             str(record.visit),
-            _short_time(record.time_ns),
-            Text(_escape(record.message) or "-"),
+            time.strftime(layout, time.localtime(record.time_ns / 1e9)),
+            _escape(record.message) or "-",
             str(record.added),
             str(record.changed),
             str(record.deleted),
             _size(record.bytes_stored),
             _size(total),
-            Text(_bar(total / biggest, CHART_WIDTH), style="cyan"),
+            _bar(total / biggest, CHART_WIDTH),
         )
+        for record, total in zip(records, totals, strict=True)
+    ]
     console = _stdout_console()
+    widths = [
+        max(len(header), *(len(row[number]) for row in rows))
+        for number, header in enumerate(LOG_COLUMNS)
+    ]
+    others = sum(widths) - widths[2] + len(widths) - 1
+    table = Table(box=None, pad_edge=False, collapse_padding=True, header_style="bold")
+    for header, width in zip(LOG_COLUMNS, widths, strict=True):
+        if header == "message":
+            width = max(7, min(width, console.width - others))
+        justify = "right" if header in LOG_NUMBERS else "left"
+        table.add_column(
+            header, justify=justify, no_wrap=True, overflow="ellipsis", width=width
+        )
+    for row in rows:
+        cells = [Text(cell) for cell in row]
+        cells[-1].stylize("cyan")
+        table.add_row(*cells)
     console.print(table)
     spark = _sparkline([record.bytes_stored for record in records], 40)
     _print_out(
@@ -948,11 +988,11 @@ def _print_visit(detail, document: dict[str, Any]) -> None:
         + (f" ({record.metadata_only} metadata only)" if record.metadata_only else ""),
         f"stored    {_size(record.bytes_stored)}: layer {_size(record.layer_bytes)}"
         f", manifest {_size(record.manifest_bytes)}",
-        f"new       {_size(stored.get('new_bytes', 0))} "
-        f"(tails {_size(stored.get('tail_bytes', 0))}, "
-        f"blocks {_size(stored.get('block_bytes', 0))}); "
-        f"patched {_size(stored.get('patch_source_bytes', 0))}; "
-        f"dedup {_size(stored.get('deduplicated_bytes', 0))}",
+        f"new       {_size(stored.get('new_bytes', 0))} of file content "
+        f"({_size(stored.get('tail_bytes', 0))} as tails, "
+        f"{_size(stored.get('block_bytes', 0))} as blocks)",
+        f"patched   {_size(stored.get('patch_source_bytes', 0))} of edited files",
+        f"dedup     {_size(stored.get('deduplicated_bytes', 0))} already stored",
         f"chain     base visit {detail.base}"
         + (f", previous visit {detail.previous}" if detail.previous else ""),
         f"layer     {record.layer}",
@@ -1076,21 +1116,30 @@ def _progress_bar(args, label: str):
 
 
 def _new_progress():
+    """Columns that fit 80 terminal columns even at 100,000 files."""
     from rich.progress import (
         BarColumn,
         DownloadColumn,
         Progress,
+        ProgressColumn,
         TextColumn,
         TimeRemainingColumn,
-        TransferSpeedColumn,
     )
+    from rich.text import Text
+
+    class Rate(ProgressColumn):
+        """Bytes per second in the same binary units as the byte counts."""
+
+        def render(self, task) -> Text:
+            speed = task.finished_speed or task.speed
+            return Text(f"{_size(speed)}/s" if speed else "", style="green")
 
     columns = (
         TextColumn("{task.description}", style="bold"),
-        BarColumn(bar_width=16),
+        BarColumn(bar_width=12),
         TextColumn("{task.fields[files]}"),
         DownloadColumn(binary_units=True),
-        TransferSpeedColumn(),
+        Rate(),
         TimeRemainingColumn(),
     )
     return Progress(*columns, console=_stderr_console(), transient=True)

@@ -49,7 +49,7 @@ class Preview:
     added: list[str] = field(default_factory=list)
     changed: list[str] = field(default_factory=list)
     deleted: list[str] = field(default_factory=list)
-    metadata_only: int = 0
+    metadata_only: list[str] = field(default_factory=list)
     new_bytes: int = 0
     deduplicated_bytes: int = 0
     estimate_bytes: int = 0
@@ -194,8 +194,8 @@ def _classify(preview: Preview, old: Entry | None, entry: Entry) -> None:
         preview.changed.append(entry.path)
     elif _differs(old, entry):
         preview.changed.append(entry.path)
-        same = old.content_id == entry.content_id and old.target == entry.target
-        preview.metadata_only += same
+        if old.content_id == entry.content_id and old.target == entry.target:
+            preview.metadata_only.append(entry.path)
 
 
 def _deleted(previous: Manifest | None, entries: list[Entry]) -> list[str]:

@@ -123,7 +123,11 @@ def one_error_line(result: subprocess.CompletedProcess[str]) -> str:
 
 def test_log_lists_every_visit_with_its_cost_and_growth(history: History) -> None:
     out = history.run("log").stdout
-    rows = [line for line in out.splitlines() if re.match(r"\s*\d+ \d{4}-", line)]
+    rows = [
+        line
+        for line in out.splitlines()
+        if re.match(r"\s*\d+ (\d{4}-)?\d\d-\d\d ", line)
+    ]
 
     assert [int(row.split()[0]) for row in rows] == [1, 2, 3, 4]
     assert "after verify" in rows[2] and "cleanup" in rows[3]
@@ -293,6 +297,7 @@ def test_dry_run_predicts_the_append_and_writes_nothing(history: History) -> Non
     write(src / "new.txt", b"brand new\n" * 100)
     write(src / "src" / "main.py", b"print('changed again')\n")
     (src / "README.md").unlink()
+    os.chmod(src / "data" / "blob.bin", 0o640)
     before = store_files(history.store)
 
     preview = history.json("append", src, "--dry-run")
@@ -301,14 +306,17 @@ def test_dry_run_predicts_the_append_and_writes_nothing(history: History) -> Non
     assert store_files(history.store) == before
     assert preview["paths"] == {
         "added": ["new.txt"],
-        "changed": ["src/main.py"],
+        "changed": ["data/blob.bin", "src/main.py"],
+        "metadata_only": ["data/blob.bin"],
         "deleted": ["README.md"],
     }
     assert preview["new_bytes"] == 1000 + len(b"print('changed again')\n")
     assert (
         "+ new.txt" in text and "- README.md" in text and "nothing was written" in text
     )
+    assert "m data/blob.bin" in text and "M src/main.py" in text
     real = history.append("real")
+    assert real["metadata_only"] == preview["metadata_only"] == 1
     assert (real["visit"], real["added"], real["changed"], real["deleted"]) == (
         preview["visit"],
         preview["added"],
