@@ -82,14 +82,13 @@ def diff_visits(
         new_record = head.resolve(second, store.location)
         old_entries = store.load_manifest(old_record).entries
         new_entries = store.load_manifest(new_record).entries
-    if path and not _below(old_entries, path, None) + _below(new_entries, path, None):
+    old_part = _below(old_entries, path, None)
+    new_part = _below(new_entries, path, None)
+    if path and not old_part and not new_part:
         raise UsageError(
             f"{path}: in neither visit {old_record.visit} nor {new_record.visit}"
         )
-    changes = compare_entries(
-        _below(old_entries, path, None), _below(new_entries, path, None)
-    )
-    return old_record.visit, new_record.visit, changes
+    return old_record.visit, new_record.visit, compare_entries(old_part, new_part)
 
 
 def compare_entries(old_entries: list[Entry], new_entries: list[Entry]) -> list[Change]:
@@ -108,8 +107,11 @@ def compare_entries(old_entries: list[Entry], new_entries: list[Entry]) -> list[
 
 @dataclass(frozen=True, slots=True)
 class VisitDetail:
-    """One visit, the base its chain starts from, and what changed since the
-    visit kept before it (``previous`` is None for the oldest kept visit)."""
+    """One visit, the base its chain starts from, and its changes.
+
+    ``changes`` are those since ``previous``, the visit kept before it; the
+    oldest kept visit has no previous visit and no changes.
+    """
 
     record: VisitRecord
     base: int

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
-import difflib
 import json
 import logging
 import os
@@ -109,12 +107,14 @@ class _Parser(argparse.ArgumentParser):
     """An argument parser whose errors suggest the command that was meant."""
 
     def error(self, message: str):  # type: ignore[override]
-        if "invalid choice" in message and self._subparsers is not None:
+        if message.startswith("argument COMMAND: invalid choice"):
             message = _unknown_command(message, self._subparsers._group_actions)
         super().error(message)
 
 
 def _unknown_command(message: str, actions) -> str:
+    import difflib
+
     choices = [name for action in actions for name in (action.choices or {})]
     given = message.split("'")[1] if message.count("'") >= 2 else ""
     close = difflib.get_close_matches(given, choices, n=1)
@@ -123,6 +123,11 @@ def _unknown_command(message: str, actions) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # A name or message the terminal's encoding cannot show is escaped, never
+    # fatal: reporting must not fail on what it reports.
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(AttributeError, ValueError):
+            stream.reconfigure(errors="backslashreplace")
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
     if args.command is None:
@@ -157,17 +162,46 @@ def _run(args) -> int:
 
 
 def _report_error(args, error: DeltatarError) -> None:
+    from .errors import StoreNotFound
+
+    message = str(error)
+    if isinstance(error, StoreNotFound) and args.store:
+        message += _store_hint(args.store)
     if args.json:
         _print_json(
             {
                 "error": {
                     "type": type(error).__name__,
-                    "message": str(error),
+                    "message": message,
                     "exit_code": EXIT_ERROR,
                 }
             }
         )
-    _print_err(f"deltatar: error: {error}")
+    _print_err(f"deltatar: error: {message}")
+
+
+def _store_hint(location: str) -> str:
+    """Name a store the user probably meant: inside the directory, or beside it."""
+    import difflib
+    from pathlib import Path
+
+    from .store import HEADER_NAME
+
+    path = Path(location)
+    with contextlib.suppress(OSError):
+        inside = [c for c in path.iterdir() if (c / HEADER_NAME).is_file()]
+        if len(inside) == 1:
+            return f"; did you mean --store {inside[0]}?"
+    with contextlib.suppress(OSError):
+        siblings = {
+            child.name: child
+            for _, child in zip(range(1000), path.parent.iterdir(), strict=False)
+            if (child / HEADER_NAME).is_file()
+        }
+        close = difflib.get_close_matches(path.name, list(siblings), n=1)
+        if close:
+            return f"; did you mean --store {siblings[close[0]]}?"
+    return ""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -888,6 +922,9 @@ SHOW_PATHS = 10
 # Eighths of a block, for bars drawn to a fraction of a character.
 BAR_PARTS = " ▏▎▍▌▋▊▉█"
 SPARK_PARTS = "▁▂▃▄▅▆▇█"
+# Where stdout cannot encode those (LANG=C, a legacy code page).
+ASCII_BAR_PARTS = " :#"
+ASCII_SPARK_PARTS = "_.-=+*#"
 CHART_WIDTH = 10
 LOG_COLUMNS = (
     "visit",
@@ -925,7 +962,7 @@ def _print_log(records, totals: list[int], store_bytes: int) -> None:
         (
             str(record.visit),
             time.strftime(layout, time.localtime(record.time_ns / 1e9)),
-            _escape(record.message) or "-",
+            _printable(_escape(record.message)) or "-",
             str(record.added),
             str(record.changed),
             str(record.deleted),
@@ -936,8 +973,10 @@ def _print_log(records, totals: list[int], store_bytes: int) -> None:
         for record, total in zip(records, totals, strict=True)
     ]
     console = _stdout_console()
+    from rich.cells import cell_len
+
     widths = [
-        max(len(header), *(len(row[number]) for row in rows))
+        max(cell_len(header), *(cell_len(row[number]) for row in rows))
         for number, header in enumerate(LOG_COLUMNS)
     ]
     others = sum(widths) - widths[2] + len(widths) - 1
@@ -963,18 +1002,37 @@ def _print_log(records, totals: list[int], store_bytes: int) -> None:
 
 def _bar(fraction: float, width: int) -> str:
     """A bar of ``fraction`` of ``width`` characters, drawn to an eighth."""
-    eighths = round(max(0.0, min(1.0, fraction)) * width * 8)
-    full, part = divmod(eighths, 8)
-    return ("█" * full + (BAR_PARTS[part] if part else "")).ljust(width)
+    parts = BAR_PARTS if _can_encode(BAR_PARTS) else ASCII_BAR_PARTS
+    steps = len(parts) - 1
+    filled = round(max(0.0, min(1.0, fraction)) * width * steps)
+    full, part = divmod(filled, steps)
+    return (parts[-1] * full + (parts[part] if part else "")).ljust(width)
 
 
 def _sparkline(values: list[int], width: int) -> str:
     """One character per value (the largest of each group when there are many)."""
+    parts = SPARK_PARTS if _can_encode(SPARK_PARTS) else ASCII_SPARK_PARTS
     groups = max(1, -(-len(values) // width))
     peaks = [max(values[i : i + groups]) for i in range(0, len(values), groups)]
     top = max(peaks, default=0) or 1
-    last = len(SPARK_PARTS) - 1
-    return "".join(SPARK_PARTS[round(value / top * last)] for value in peaks)
+    last = len(parts) - 1
+    return "".join(parts[round(value / top * last)] for value in peaks)
+
+
+def _printable(text: str) -> str:
+    """``text`` as stdout's encoding will show it, so widths can be measured."""
+    encoding = sys.stdout.encoding or "ascii"
+    with contextlib.suppress(LookupError):
+        return text.encode(encoding, "backslashreplace").decode(encoding)
+    return text
+
+
+def _can_encode(text: str) -> bool:
+    try:
+        text.encode(sys.stdout.encoding or "ascii")
+    except (UnicodeEncodeError, LookupError):
+        return False
+    return True
 
 
 def _print_visit(detail, document: dict[str, Any]) -> None:
@@ -1091,6 +1149,8 @@ def _progress_bar(args, label: str):
     done beside them; it is drawn only once the work has run for
     ``PROGRESS_DELAY`` seconds, so quick commands print nothing extra.
     """
+    # TODO: the walk before the first file is read reports nothing, so a tree
+    # of millions of paths shows no bar while it is being listed.
     if not _progress_wanted(args):
         yield None
         return
@@ -1188,6 +1248,8 @@ def _write_lines(lines: list[str]) -> None:
 
 def _iso_time(time_ns: int) -> str:
     """ISO 8601 local time with its UTC offset, to the second."""
+    import datetime
+
     moment = datetime.datetime.fromtimestamp(time_ns / 1e9).astimezone()
     return moment.isoformat(timespec="seconds")
 

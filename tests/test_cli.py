@@ -370,6 +370,25 @@ def test_a_directory_that_is_not_a_store_is_named(tmp_path: Path) -> None:
     assert str(tmp_path) in line and "not a deltatar store" in line
 
 
+def test_a_source_directory_given_as_store_names_the_store(history: History) -> None:
+    inside = history.src / ".deltatar"
+    run_cli("append", history.src, "--store", inside, "-q")
+    result = run_cli("log", "--store", history.src, check=False)
+
+    assert result.returncode == 1
+    assert one_error_line(result).endswith(f"did you mean --store {inside}?")
+
+
+def test_log_draws_in_ascii_where_stdout_cannot_encode_blocks(
+    history: History,
+) -> None:
+    ascii_only = {"PYTHONIOENCODING": "ascii", "LC_ALL": "C"}
+    result = history.run("log", env=ascii_only)
+
+    assert result.stderr == "" and "##########" in result.stdout
+    result.stdout.encode("ascii")
+
+
 def test_errors_with_json_also_print_an_error_document(history: History) -> None:
     result = history.run("show", "9", "--json", check=False)
 
