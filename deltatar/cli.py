@@ -19,13 +19,12 @@ import sys
 import time
 from typing import Any
 
-from . import __version__
+from . import __version__, documents
 from .errors import DeltatarError
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
 EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 130, 141
 STORE_VARIABLE = "DELTATAR_STORE"
-JSON_SCHEMA_VERSION = 1
 # Progress bars appear only for work that lasts longer than this.
 PROGRESS_DELAY = 1.0
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -531,7 +530,8 @@ def _append(args) -> int:
     store_bytes = store.disk_usage()
     if args.json:
         _print_json(
-            _record_json(record) | {"store_bytes": store_bytes, "seconds": elapsed}
+            documents.visit_record(record)
+            | {"store_bytes": store_bytes, "seconds": elapsed}
         )
     elif not args.quiet:
         _print_out(
@@ -563,33 +563,10 @@ def _append_dry_run(args) -> int:
             progress=progress,
         )
     if args.json:
-        _print_json(_preview_json(preview))
+        _print_json(documents.preview(preview))
     elif not args.quiet:
         _print_preview(preview, args.verbose)
     return EXIT_OK
-
-
-def _preview_json(preview) -> dict[str, Any]:
-    return {
-        "dry_run": True,
-        "visit": preview.visit,
-        "entries": preview.entries,
-        "tree_bytes": preview.tree_bytes,
-        "added": len(preview.added),
-        "changed": len(preview.changed),
-        "deleted": len(preview.deleted),
-        "metadata_only": len(preview.metadata_only),
-        "new_bytes": preview.new_bytes,
-        "deduplicated_bytes": preview.deduplicated_bytes,
-        "estimate_bytes": preview.estimate_bytes,
-        "problems": preview.problems,
-        "paths": {
-            "added": [_path_text(path) for path in preview.added],
-            "changed": [_path_text(path) for path in preview.changed],
-            "metadata_only": [_path_text(path) for path in preview.metadata_only],
-            "deleted": [_path_text(path) for path in preview.deleted],
-        },
-    }
 
 
 def _print_preview(preview, verbose: int) -> None:
@@ -678,7 +655,7 @@ def _log(args) -> int:
     totals = _running_totals(records)
     if args.json:
         rows = [
-            _record_json(record) | {"cumulative_bytes": total}
+            documents.visit_record(record) | {"cumulative_bytes": total}
             for record, total in zip(records, totals, strict=True)
         ]
         _print_json({"visits": rows, "store_bytes": store.disk_usage()})
@@ -783,7 +760,7 @@ def _ls(args) -> int:
     record, entries = list_entries(Store.open(args.store), args.visit, args.path)
     if args.json:
         _print_json(
-            {"visit": record.visit, "entries": [_entry_json(e) for e in entries]}
+            {"visit": record.visit, "entries": [documents.entry(e) for e in entries]}
         )
         return EXIT_OK
     width = max((len(str(e.size)) for e in entries), default=1)
@@ -809,7 +786,7 @@ def _cat(args) -> int:
         _print_json(
             {
                 "visit": visit,
-                "path": _path_text(args.path.strip("/")),
+                "path": documents.path_text(args.path.strip("/")),
                 "size": len(data),
                 "encoding": "base64",
                 "data": base64.b64encode(data).decode("ascii"),
@@ -843,7 +820,7 @@ def _diff(args) -> int:
     for change in changes:
         counts[change.kind] += 1
     if args.json:
-        listing = [] if args.stat else [_change_json(c) for c in changes]
+        listing = [] if args.stat else [documents.change(c) for c in changes]
         _print_json({"from": first, "to": second, "counts": counts, "changes": listing})
         return EXIT_OK
     if not args.stat:
@@ -865,27 +842,12 @@ def _change_line(change) -> str:
     return line
 
 
-def _change_json(change) -> dict[str, Any]:
-    entry = change.new or change.old
-    document = {"change": change.kind, **_path_json(change.path), "type": entry.type}
-    for side, value in (("old", change.old), ("new", change.new)):
-        if value is not None:
-            document[side] = {
-                "type": value.type,
-                "mode": value.mode,
-                "size": value.size,
-                "mtime_ns": value.mtime_ns,
-                "content_id": value.content_id,
-            }
-    return document
-
-
 def _show(args) -> int:
     from .browse import describe_visit
     from .store import Store
 
     detail = describe_visit(Store.open(args.store), args.visit)
-    document = _record_json(detail.record) | {
+    document = documents.visit_record(detail.record) | {
         "layer": detail.record.layer,
         "manifest": detail.record.manifest,
         "tree_digest": detail.record.tree_digest,
@@ -1085,10 +1047,6 @@ def _escape(path: str) -> str:
     return text.replace("\n", "\\n")
 
 
-def _path_text(path: str) -> str:
-    return os.fsencode(path).decode("utf-8", "backslashreplace")
-
-
 def _shown_path(entry) -> str:
     text = _escape(entry.path)
     if entry.type == "dir":
@@ -1110,29 +1068,6 @@ def _mode_text(entry) -> str:
         "blockdev": stat_module.S_IFBLK,
     }
     return stat_module.filemode(kinds[entry.type] | entry.mode)
-
-
-def _path_json(path: str) -> dict[str, str]:
-    raw = os.fsencode(path)
-    try:
-        return {"path": raw.decode("utf-8")}
-    except UnicodeDecodeError:
-        return {"path_hex": raw.hex(), "path": raw.decode("utf-8", "backslashreplace")}
-
-
-def _entry_json(entry) -> dict[str, Any]:
-    document = _path_json(entry.path) | {
-        "type": entry.type,
-        "mode": entry.mode,
-        "size": entry.size,
-        "mtime_ns": entry.mtime_ns,
-        "content_id": entry.content_id,
-    }
-    if entry.target is not None:
-        document["target"] = _escape(entry.target)
-    if entry.hardlink_of is not None:
-        document["hardlink_of"] = _escape(entry.hardlink_of)
-    return document
 
 
 def _progress_wanted(args) -> bool:
@@ -1205,28 +1140,9 @@ def _new_progress():
     return Progress(*columns, console=_stderr_console(), transient=True)
 
 
-def _record_json(record) -> dict[str, Any]:
-    return {
-        "visit": record.visit,
-        "time": _iso_time(record.time_ns),
-        "time_ns": record.time_ns,
-        "message": record.message,
-        "kind": record.kind,
-        "entries": record.entries,
-        "tree_bytes": record.tree_bytes,
-        "added": record.added,
-        "changed": record.changed,
-        "deleted": record.deleted,
-        "metadata_only": record.metadata_only,
-        "bytes_stored": record.bytes_stored,
-        "layer_bytes": record.layer_bytes,
-        "stored": record.stored,
-    }
-
-
 def _print_json(document: dict[str, Any]) -> None:
     """One JSON document on stdout; its first field is the schema version."""
-    versioned = {"schema_version": JSON_SCHEMA_VERSION} | document
+    versioned = {"schema_version": documents.SCHEMA_VERSION} | document
     sys.stdout.write(json.dumps(versioned, indent=2, ensure_ascii=True) + "\n")
     sys.stdout.flush()
 
@@ -1244,14 +1160,6 @@ def _print_err(text: str) -> None:
 def _write_lines(lines: list[str]) -> None:
     sys.stdout.write("".join(line + "\n" for line in lines))
     sys.stdout.flush()
-
-
-def _iso_time(time_ns: int) -> str:
-    """ISO 8601 local time with its UTC offset, to the second."""
-    import datetime
-
-    moment = datetime.datetime.fromtimestamp(time_ns / 1e9).astimezone()
-    return moment.isoformat(timespec="seconds")
 
 
 def _long_time(time_ns: int) -> str:
