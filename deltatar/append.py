@@ -38,7 +38,8 @@ logger = logging.getLogger(__name__)
 
 READ_ATTEMPTS = 3
 RECENT_WRITE_NS = 1_000_000_000
-Progress = Callable[[int, int], None]
+# Called as (files done, files in all, bytes done, bytes in all).
+Progress = Callable[[int, int, int, int], None]
 
 
 @dataclass(slots=True)
@@ -72,7 +73,7 @@ def append_visit(
         scan_started = time.time_ns()
         own_store = Path(store.location)
         result = scan(src, own_store, exclusion_spec(src, list(excludes)), strict)
-        _guard_nested_archives(src, result, previous, head, exclude_nested_archives)
+        guard_nested_archives(src, result, previous, head, exclude_nested_archives)
         layer_name = store.new_object_name("layers", visit, ".tar.zst")
         builder = _builder(store, head, previous, layer_name)
         written = _write_layer(src, result, previous, builder, checksum, progress)
@@ -167,7 +168,12 @@ def _check_source(src: Path, store) -> None:
         raise UsageError(f"{src}: source lies inside the store {store.location}")
 
 
-def _guard_nested_archives(src: Path, result, previous, head, skip: bool) -> None:
+def guard_nested_archives(src: Path, result, previous, head, skip: bool) -> None:
+    """Warn about archives of the tree inside the tree, or drop them with ``skip``.
+
+    Shared with ``append --dry-run`` so that a preview leaves out what the
+    real append would leave out.
+    """
     previous_entries = previous.by_path() if previous else {}
     tree_bytes = head.latest().tree_bytes if head.visits else 0
     nested = find_nested_archives(
@@ -226,10 +232,13 @@ def _record_entries(
     leaders: dict[tuple[int, int], Entry] = {}
     counts = Counts()
     entries: list[Entry] = []
+    total_bytes = sum(item.stat.st_size for item in found if item.type == FILE)
+    done_bytes = 0
     for number, item in enumerate(found, 1):
         old = previous_entries.get(item.path)
         entry = _entry_for(item)
         if item.type == FILE:
+            done_bytes += item.stat.st_size
             stored = _record_file(
                 src,
                 item,
@@ -248,7 +257,7 @@ def _record_entries(
         entries.append(entry)
         _count(counts, old, entry)
         if progress is not None:
-            progress(number, len(found))
+            progress(number, len(found), done_bytes, total_bytes)
     return entries, counts
 
 

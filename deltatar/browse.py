@@ -17,7 +17,7 @@ import xxhash
 from .content import ContentSource
 from .errors import CorruptStore, UsageError
 from .head import VisitRecord
-from .manifest import DIRECTORY, FILE, Entry
+from .manifest import FILE, Entry
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,20 +69,32 @@ def _checked_bytes(source: ContentSource, entry: Entry, record) -> Iterator[byte
         )
 
 
-def diff_visits(store, first, second, path: str | None = None) -> list[Change]:
-    """What changed from visit ``first`` to visit ``second``, path by path."""
+def diff_visits(
+    store, first, second, path: str | None = None
+) -> tuple[int, int, list[Change]]:
+    """What changed from visit ``first`` to visit ``second``, path by path.
+
+    Returns the two visit numbers the specs named and the changes.
+    """
     with store.backend.reader_guard():
         head = store.read_head()
         old_record = head.resolve(first, store.location)
         new_record = head.resolve(second, store.location)
-        old = {
-            e.path: e
-            for e in _below(store.load_manifest(old_record).entries, path, None)
-        }
-        new = {
-            e.path: e
-            for e in _below(store.load_manifest(new_record).entries, path, None)
-        }
+        old_entries = store.load_manifest(old_record).entries
+        new_entries = store.load_manifest(new_record).entries
+    old_part = _below(old_entries, path, None)
+    new_part = _below(new_entries, path, None)
+    if path and not old_part and not new_part:
+        raise UsageError(
+            f"{path}: in neither visit {old_record.visit} nor {new_record.visit}"
+        )
+    return old_record.visit, new_record.visit, compare_entries(old_part, new_part)
+
+
+def compare_entries(old_entries: list[Entry], new_entries: list[Entry]) -> list[Change]:
+    """The changes from one list of entries to another, in path byte order."""
+    old = {entry.path: entry for entry in old_entries}
+    new = {entry.path: entry for entry in new_entries}
     changes = []
     for name in sorted(
         old.keys() | new.keys(), key=lambda text: text.encode(errors="surrogateescape")
@@ -91,6 +103,37 @@ def diff_visits(store, first, second, path: str | None = None) -> list[Change]:
         if kind is not None:
             changes.append(Change(kind, name, old.get(name), new.get(name)))
     return changes
+
+
+@dataclass(frozen=True, slots=True)
+class VisitDetail:
+    """One visit, the base its chain starts from, and its changes.
+
+    ``changes`` are those since ``previous``, the visit kept before it; the
+    oldest kept visit has no previous visit and no changes.
+    """
+
+    record: VisitRecord
+    base: int
+    previous: int | None
+    changes: list[Change]
+
+
+def describe_visit(store, visit) -> VisitDetail:
+    """Everything ``show`` tells about one visit."""
+    with store.backend.reader_guard():
+        head = store.read_head()
+        record = head.resolve(visit, store.location)
+        earlier = [r for r in head.visits if r.visit < record.visit]
+        base = next(
+            (r.visit for r in reversed(earlier + [record]) if r.kind == "base"),
+            record.visit,
+        )
+        if not earlier:
+            return VisitDetail(record, base, None, [])
+        old = store.load_manifest(earlier[-1]).entries
+        new = store.load_manifest(record).entries
+    return VisitDetail(record, base, earlier[-1].visit, compare_entries(old, new))
 
 
 def _change_kind(old: Entry | None, new: Entry | None) -> str | None:
@@ -104,7 +147,9 @@ def _change_kind(old: Entry | None, new: Entry | None) -> str | None:
         return "changed"
     if old.mode != new.mode:
         return "mode"
-    if old.mtime_ns != new.mtime_ns and old.type != DIRECTORY:
+    # Directories count too: append records a directory whose mtime moved,
+    # so diff shows it rather than hide a change the store holds.
+    if old.mtime_ns != new.mtime_ns:
         return "touched"
     return None
 

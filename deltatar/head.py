@@ -22,6 +22,7 @@ HEAD_VERSION = 2
 # A head that names no retained layers is written as version 1, so stores
 # that never needed them stay readable by every version-1 reader.
 RETAINED_FIELDS = ("retained_layers", "retained_bytes")
+MESSAGE_PREFIX = "msg:"
 
 
 @dataclass(slots=True)
@@ -87,11 +88,18 @@ class Head:
         raise VisitNotFound(self._missing_message(visit, location))
 
     def resolve(self, spec: str | int | None, location: str) -> VisitRecord:
-        """Find a visit by number, negative offset (-1 = latest) or message."""
+        """Find a visit by number, negative offset (-1 = latest) or message.
+
+        Numbers win over messages, so a message that is itself a number is
+        named with the ``msg:`` prefix (``msg:42``), which always means a
+        message.
+        """
         if not self.visits:
             raise VisitNotFound(f"{location}: the store has no visits yet")
         if spec is None:
             return self.visits[-1]
+        if isinstance(spec, str) and spec.startswith(MESSAGE_PREFIX):
+            return self._by_message(spec[len(MESSAGE_PREFIX) :], location)
         number = _as_int(spec)
         if number is not None and number < 0:
             if -number > len(self.visits):
@@ -117,7 +125,10 @@ class Head:
                 f"{location}: message {message!r} names visits {numbers}; "
                 "give a visit number"
             )
-        raise VisitNotFound(f"{location}: no visit has the message {message!r}")
+        raise VisitNotFound(
+            f"{location}: no visit has the message {message!r}; "
+            "'deltatar log' lists the visits"
+        )
 
     def _missing_message(self, visit: int, location: str) -> str:
         kept = self.kept_ranges() or "none"

@@ -16,6 +16,7 @@ import os
 import shutil
 import stat
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import xxhash
@@ -38,7 +39,21 @@ from .manifest import (
 logger = logging.getLogger(__name__)
 
 MAX_FILE_SIZE = 1 << 50
-Progress = Callable[[int, int], None]
+# Called as (files done, files in all, bytes done, bytes in all).
+Progress = Callable[[int, int, int, int], None]
+
+
+@dataclass(frozen=True, slots=True)
+class Materialized:
+    """What one materialize wrote: with ``--path`` only part of the visit."""
+
+    record: VisitRecord
+    entries: int
+    tree_bytes: int
+
+    @property
+    def visit(self) -> int:
+        return self.record.visit
 
 
 def materialize_visit(
@@ -49,7 +64,7 @@ def materialize_visit(
     devices: bool = False,
     paths: list[str] | None = None,
     progress: Progress | None = None,
-) -> VisitRecord:
+) -> Materialized:
     """Write the tree of ``visit`` into ``dest`` (see :meth:`Store.materialize`)."""
     with store.backend.reader_guard():
         head = store.read_head()
@@ -74,7 +89,8 @@ def materialize_visit(
             _remove_partial_tree(dest, created, keep)
             raise
     logger.info("visit %d materialized into %s", record.visit, dest)
-    return record
+    tree_bytes = sum(entry.size for entry in entries if entry.type == FILE)
+    return Materialized(record, len(entries), tree_bytes)
 
 
 def check_entries(entries: list[Entry], record: VisitRecord, devices: bool) -> None:
@@ -240,10 +256,13 @@ def _write_tree(
         _make_directory(dest / entry.path)
     files = [e for e in entries if e.type == FILE and e.hardlink_of is None]
     files.sort(key=_read_order)
+    total_bytes = sum(entry.size for entry in files)
+    done_bytes = 0
     for number, entry in enumerate(files, 1):
         _write_file(source, dest, entry, record)
+        done_bytes += entry.size
         if progress is not None:
-            progress(number, len(files))
+            progress(number, len(files), done_bytes, total_bytes)
     for entry in entries:
         _write_other(dest, entry)
     for entry in reversed(directories):

@@ -28,7 +28,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyzstd
 
@@ -43,6 +43,9 @@ from .formats import check_document
 from .head import Head, VisitRecord
 from .manifest import Manifest, StoredContent, gc_paused
 from .policy import Policy
+
+if TYPE_CHECKING:
+    from .materialize import Materialized
 
 logger = logging.getLogger(__name__)
 
@@ -124,8 +127,12 @@ class Store:
 
     def materialize(
         self, visit: int | str | None, dest: str | os.PathLike[str], **options: Any
-    ) -> VisitRecord:
-        """Rebuild the exact tree of ``visit`` (None: the latest) in ``dest``."""
+    ) -> Materialized:
+        """Rebuild the exact tree of ``visit`` (None: the latest) in ``dest``.
+
+        Returns the visit's record with the number of entries and file bytes
+        written, which ``paths=`` makes part of the visit.
+        """
         from .materialize import materialize_visit
 
         with gc_paused():
