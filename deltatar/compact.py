@@ -89,11 +89,13 @@ def compact_store(
         if not plan.due:
             return _idle_report(store, plan, "nothing due")
         if dry_run:
-            return _report(store, plan, dry_run=True)
+            return _preview(store, store.read_head().visits, plan)
         return _run_when_free(store, chosen)
     with store.writing("compact") as (head, token):
         plan = plan_compaction(head, chosen, merge_all=True)
-        if dry_run or not plan.due:
+        if dry_run and plan.due:
+            return _preview(store, head.visits, plan)
+        if not plan.due:
             return _report(store, plan, dry_run=dry_run)
         return _execute(store, head, token, plan, merge_all=True)
 
@@ -595,6 +597,29 @@ def _report(store, plan: Plan, dry_run: bool) -> dict[str, Any]:
     }
     if plan.due:
         report["store_bytes_before"] = store.disk_usage()
+    return report
+
+
+def _preview(store, visits: list[VisitRecord], plan: Plan) -> dict[str, Any]:
+    """The dry-run report, with what retention would free and carry exactly.
+
+    Reads the kept manifests and contents lists (as the drop itself would)
+    but writes nothing.
+    """
+    report = _report(store, plan, dry_run=True)
+    if not plan.dropped:
+        return report
+    source = ContentSource(store.backend)
+    retired = _layers_of(plan.dropped) - _layers_of(plan.kept)
+    changed = _first_after_gaps(visits, plan.kept)
+    live = _live_ranges(store, plan.kept, retired, Moves(), changed)
+    adopted = _adopted(source, live)
+    carried = {layer: spans for layer, spans in live.items() if layer not in adopted}
+    report["adopted_layers"] = len(adopted)
+    report["carried_bytes"] = _carry_estimate(store, source, carried)
+    report["freed_layer_bytes"] = sum(
+        store.backend.size(layer) for layer in retired - adopted
+    )
     return report
 
 
