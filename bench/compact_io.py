@@ -97,9 +97,7 @@ def main() -> None:
         edit_some(src, rng, 0.6, visit, new=True)
         store.append(src, visit_time_ns=T0 + visit * HOUR)
     measured(store, "drop the base (keep-last 2)", policy=Policy(keep_last=2))
-    measured(
-        store, "rebase (max-delta-percent 50)", policy=Policy(max_delta_percent=50)
-    )
+    measured(store, "rebase (max-delta-percent 5)", policy=Policy(max_delta_percent=5))
     shutil.rmtree(work)
 
 

@@ -674,8 +674,13 @@ def _compact_line(report: dict[str, Any]) -> str:
     if "store_bytes_after" in report:
         sizes += f" -> {_size(report['store_bytes_after'])}"
         sizes += f", wrote {_size(report['bytes_written'])}"
+    elif "freed_layer_bytes" in report:
+        sizes += (
+            f", frees {_size(report['freed_layer_bytes'])} of layers and "
+            f"carries about {_size(report['carried_bytes'])}"
+        )
     else:
-        sizes += f", frees up to {_size(report['retired_layer_bytes'])} of layers"
+        sizes += f", needs up to {_size(report['bytes_needed'])} free"
     parts.append(f"store {sizes}")
     return "; ".join(parts)
 

@@ -4,9 +4,9 @@ Compaction costs I/O in proportion to what it frees or merges, never to the
 size of the store (the algorithm is in docs/format.md, *Compaction*):
 
 * **Retention** drops visits.  A layer no kept visit points into is simply
-  retired.  The live ranges of a retired layer are carried into the layer of
-  the next kept visit; when the oldest kept visit was a delta, it gets a base
-  (so ``zstd -dc | tar -x`` of the oldest kept layer still yields its tree).
+  retired; one kept visits still mostly read is kept whole (retained by the
+  next kept visit); of any other only the live ranges are carried into a new
+  layer (see retention.py).
 * **Merging** copies a run of adjacent small delta layers into one layer; the
   base and every other layer stay as they are.
 * **Rebasing** gives the latest visit a base of its own when the deltas after
@@ -22,33 +22,25 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from pathlib import Path
 from typing import Any
 
 from . import policy as policy_module
 from .content import ContentSource
-from .delta import LayerBuilder
-from .errors import NoSpace, StoreLocked, UsageError
+from .errors import StoreLocked, UsageError
 from .head import Head, VisitRecord, format_ranges
-from .layer import BLOCK, LayerWriter
-from .manifest import Manifest, departed_contents
 from .policy import Policy
-from .relocate import (
-    Moves,
-    build_base_entries,
-    carry_ranges,
-    collect_live_of_departed,
-    collect_live_of_entries,
-    copy_layer,
-    live_bytes,
-    map_to_base,
-    merged_ranges,
+from .relocate import Moves, copy_layer
+from .retention import drop_visits, preview_drop, record_layers
+from .rewrite import (
+    SPACE_MARGIN,
+    NewLayer,
+    check_space,
+    owner_of,
+    rewrite_visits,
+    write_base,
 )
 
 logger = logging.getLogger(__name__)
-
-SPACE_MARGIN = 1.1
-ADOPT_SHARE = 0.5
 
 
 @dataclasses.dataclass(slots=True)
@@ -89,11 +81,13 @@ def compact_store(
         if not plan.due:
             return _idle_report(store, plan, "nothing due")
         if dry_run:
-            return _report(store, plan, dry_run=True)
+            return _preview(store, store.read_head().visits, plan)
         return _run_when_free(store, chosen)
     with store.writing("compact") as (head, token):
         plan = plan_compaction(head, chosen, merge_all=True)
-        if dry_run or not plan.due:
+        if dry_run and plan.due:
+            return _preview(store, head.visits, plan)
+        if not plan.due:
             return _report(store, plan, dry_run=dry_run)
         return _execute(store, head, token, plan, merge_all=True)
 
@@ -175,7 +169,7 @@ def _merge_due(
 
 def _execute(store, head: Head, token, plan: Plan, merge_all: bool):
     report = _report(store, plan, dry_run=False)
-    _check_space(store, report["bytes_needed"], margin=1.0)
+    check_space(store, report["bytes_needed"], margin=1.0)
     objects_before = _object_names(store)
     try:
         records = _apply(store, head.visits, plan, merge_all)
@@ -207,7 +201,7 @@ def _apply(store, visits: list[VisitRecord], plan: Plan, merge_all: bool):
     """
     records = visits
     if plan.dropped:
-        records = _drop(store, visits, plan)
+        records = drop_visits(store, visits, plan.kept, plan.dropped)
     if plan.rebase:
         records = _rebase_latest(store, records)
     elif plan.merge:
@@ -245,289 +239,33 @@ def _commit(store, head: Head, token, records: list[VisitRecord]) -> None:
     store.collect_garbage(*store.read_head_with_token())
 
 
-def _drop(store, visits: list[VisitRecord], plan: Plan) -> list[VisitRecord]:
-    """Drop visits, keeping or carrying what kept visits still need."""
-    kept = plan.kept
-    source = ContentSource(store.backend)
-    moves = Moves()
-    retired = _layers_of(plan.dropped) - _layers_of(kept)
-    predecessor_changed = _first_after_gaps(visits, kept)
-    live = _live_ranges(store, kept, retired, moves, predecessor_changed)
-    vessels = _vessels(visits, kept, live)
-    adopted = _adopted(source, live)
-    carried = {layer: spans for layer, spans in live.items() if layer not in adopted}
-    _check_space(store, _carry_estimate(store, source, carried))
-    written = _write_carried(store, vessels, carried, source, moves)
-    kept = _retain(kept, vessels, adopted, written, store)
-    return _rewrite_visits(store, kept, moves, {}, predecessor_changed, None)
-
-
-def _layers_of(records: list[VisitRecord]) -> set[str]:
-    return {layer for record in records for layer in record.layers()}
-
-
-def _adopted(source: ContentSource, live: dict[str, list]) -> set[str]:
-    """Retired layers still mostly live: kept whole rather than carried.
-
-    Carrying a layer that kept visits still mostly read would cost nearly a
-    full copy and free little (think of the base when only the first visit
-    is dropped); the layer is kept as it is and freed once enough of it is
-    dead that carrying its rest costs at most half of it.
-    """
-    adopted = set()
-    for layer, spans in live.items():
-        share = live_bytes({layer: spans}) / max(1, source.reader(layer).raw_size)
-        if share >= ADOPT_SHARE:
-            adopted.add(layer)
-    return adopted
-
-
-# TODO: a kept visit's retained layers are examined again only when that visit
-# is dropped, so a long-kept visit (keep-monthly) can hold a layer gone dead.
-def _retain(kept, vessels, adopted, written, store) -> list[VisitRecord]:
-    """Name adopted and newly written layers in their vessel visit's record."""
-    retained: dict[int, list[str]] = {}
-    for layer in sorted(adopted):
-        retained.setdefault(vessels[layer].visit, []).append(layer)
-    for visit, layer in written.items():
-        retained.setdefault(visit, []).append(layer)
-    records = []
-    for record in kept:
-        extra = retained.get(record.visit, [])
-        if extra:
-            layers = record.retained_layers + extra
-            record = dataclasses.replace(
-                record,
-                retained_layers=layers,
-                retained_bytes=sum(store.backend.size(name) for name in layers),
-            )
-        records.append(record)
-    return records
-
-
-def _first_after_gaps(visits: list[VisitRecord], kept: list[VisitRecord]) -> set[int]:
-    """Kept visits whose previous visit is dropped: their contents list changes."""
-    numbers = {record.visit for record in kept}
-    changed = {kept[0].visit}
-    for before, record in zip(visits, visits[1:], strict=False):
-        if record.visit in numbers and before.visit not in numbers:
-            changed.add(record.visit)
-    return changed
-
-
-def _live_ranges(store, kept, retired, moves, predecessor_changed):
-    """Ranges of retired layers that kept manifests or contents lists need."""
-    live: dict[str, list] = {}
-    for record in kept:
-        manifest = store.load_manifest(record)
-        collect_live_of_entries(manifest.entries, moves, retired, live)
-        if record.visit not in predecessor_changed:
-            departed = store.load_departed(record)
-            collect_live_of_departed(departed, moves, retired, live)
-    return {layer: merged_ranges(spans) for layer, spans in live.items()}
-
-
-def _owner(layer: str, records: list[VisitRecord]) -> int:
-    """The last visit that names a layer (as its own or as a retained one)."""
-    return max(record.visit for record in records if layer in record.layers())
-
-
-def _vessels(every, kept, live) -> dict[str, VisitRecord]:
-    """For each retired layer still read, the kept visit that will hold it.
-
-    A layer is only read by visits after the one it was written for, and a
-    base reads only itself, so the first kept delta after that visit is the
-    earliest visit that can take the layer's bytes over.  The choice ties
-    the bytes' lifetime to the first visit that needs them.
-    """
-    vessels = {}
-    for layer in live:
-        owner = _owner(layer, every)
-        later = [r for r in kept if r.visit > owner]
-        vessels[layer] = next((r for r in later if r.kind != "base"), later[0])
-    return vessels
-
-
-def _write_carried(store, vessels, carried, source, moves) -> dict[int, str]:
-    """Write one layer per vessel visit holding the live ranges it takes over.
-
-    The vessel's own layer is not touched: the new layer is retained beside
-    it, so carrying costs exactly the live bytes.
-    """
-    by_vessel: dict[int, list[str]] = {}
-    for layer in sorted(carried):
-        by_vessel.setdefault(vessels[layer].visit, []).append(layer)
-    written = {}
-    for visit, layers in by_vessel.items():
-        name = store.new_object_name("layers", visit, ".tar.zst")
-        with _new_layer(store, name) as writer:
-            for layer in layers:
-                carry_ranges(writer, source, layer, carried[layer], name, moves)
-        written[visit] = name
-        carried_bytes = live_bytes({layer: carried[layer] for layer in layers})
-        logger.info("carried %d live bytes into %s", carried_bytes, name)
-    return written
-
-
-def _write_base(store, record: VisitRecord, source, moves) -> tuple[str, list]:
-    """Write ``record``'s visit as a base; record where its old pieces went."""
-    manifest = store.load_manifest(record)
-    name = store.new_object_name("layers", record.visit, ".tar.zst")
-    with _new_layer(store, name) as writer:
-        builder = LayerBuilder(writer, name, True, {}, source, store.settings())
-        entries = build_base_entries(manifest, builder, source)
-    map_to_base(manifest.entries, entries, moves)
-    return name, entries
-
-
-class _new_layer:
-    """Write a layer in scratch space and publish it whole, or not at all."""
-
-    def __init__(self, store, name: str) -> None:
-        self.store, self.name = store, name
-        settings = store.settings()
-        self.staging = store.backend.scratch_dir() / Path(name).name
-        self.writer = LayerWriter(
-            self.staging, settings.level, settings.thread_count(), store.location
-        )
-
-    def __enter__(self) -> LayerWriter:
-        return self.writer
-
-    def __exit__(self, kind, error, trace) -> None:
-        if kind is not None:
-            self.writer.abort()
-            return
-        try:
-            self.writer.finish()
-            self.store.backend.put_file(self.name, self.staging)
-        except BaseException:
-            self.writer.abort()
-            raise
-
-
-def _rewrite_visits(store, visits, moves, fresh, predecessor_changed, before):
-    """Save new manifests and contents lists for the visits whose recipes moved.
-
-    ``before`` is the record of the visit just before ``visits`` (None when
-    they start the store); a manifest is patched against its reference.
-    """
-    records: list[VisitRecord] = []
-    previous: Manifest | None = None
-    for record in visits:
-        manifest = store.load_manifest(record)
-        entries = _moved_entries(manifest, moves, fresh.get(record.visit))
-        oldest = before is None and not records
-        departed, departed_moved = _departed(
-            store, record, previous, entries, moves, oldest, predecessor_changed
-        )
-        layer = _moved_layer(record.layer, moves)
-        if record.visit in fresh:
-            layer = fresh[record.visit][0]
-        if layer == record.layer and entries == manifest.entries and not departed_moved:
-            records.append(record)
-        else:
-            rebuilt = Manifest(
-                record.visit, entries, manifest.scan_started_ns, manifest.info
-            )
-            reference = records[-1] if records else before
-            names = store.save_visit(rebuilt, departed, reference)
-            is_base = record.visit in fresh
-            records.append(_new_record(record, layer, names, is_base))
-            entries = rebuilt.entries
-        previous = Manifest(record.visit, entries)
-    return _share_layer_bytes(store, records)
-
-
-def _moved_entries(manifest: Manifest, moves: Moves, fresh) -> list:
-    if fresh is not None:
-        return fresh[1]
-    moved = []
-    for entry in manifest.entries:
-        if entry.recipe:
-            recipe = moves.rewrite(entry.recipe)
-            if recipe != entry.recipe:
-                entry = dataclasses.replace(entry, recipe=recipe)
-        moved.append(entry)
-    return moved
-
-
-def _departed(store, record, previous, entries, moves, oldest, predecessor_changed):
-    """The visit's contents list and whether it differs from the stored one."""
-    if oldest:
-        return {}, store.load_departed(record) != {}
-    if record.visit in predecessor_changed:
-        return departed_contents(previous, entries), True
-    departed = store.load_departed(record)
-    moved = {}
-    for content_id, stored in departed.items():
-        moved[content_id] = dataclasses.replace(
-            stored, recipe=moves.rewrite(stored.recipe)
-        )
-    return moved, moved != departed
-
-
-def _moved_layer(layer: str, moves: Moves) -> str:
-    shift = moves.shifts.get(layer)
-    return shift[0] if shift else layer
-
-
-def _new_record(record, layer, names, is_base) -> VisitRecord:
-    manifest_name, reference, contents_name, stored = names
-    return dataclasses.replace(
-        record,
-        layer=layer,
-        manifest=manifest_name,
-        manifest_reference=reference,
-        contents=contents_name,
-        kind="base" if is_base else record.kind,
-        manifest_bytes=stored,
-    )
-
-
-def _share_layer_bytes(store, records: list[VisitRecord]) -> list[VisitRecord]:
-    """A layer several visits share is counted once, on the last of them."""
-    last = {record.layer: record.visit for record in records}
-    shared = []
-    for record in records:
-        size = (
-            store.backend.size(record.layer)
-            if last[record.layer] == record.visit
-            else 0
-        )
-        if size != record.layer_bytes:
-            record = dataclasses.replace(record, layer_bytes=size)
-        shared.append(record)
-    return shared
-
-
 def _merge(store, visits: list[VisitRecord], window: list[str]):
     """Copy adjacent delta layers into one; the base is not touched."""
     source = ContentSource(store.backend)
     moves = Moves()
-    owner = _owner(window[-1], visits)
-    _check_space(store, sum(store.backend.size(layer) for layer in window))
+    owner = owner_of(window[-1], visits)
+    check_space(store, sum(store.backend.size(layer) for layer in window))
     name = store.new_object_name("layers", owner, ".tar.zst")
-    with _new_layer(store, name) as writer:
+    with NewLayer(store, name) as writer:
         for layer in window:
             copy_layer(writer, source, layer, name, moves)
     first = min(r.visit for r in visits if r.layer in window)
     unchanged = [r for r in visits if r.visit < first]
     later = [r for r in visits if r.visit >= first]
     before = unchanged[-1] if unchanged else None
-    records = unchanged + _rewrite_visits(store, later, moves, {}, set(), before)
+    records = unchanged + rewrite_visits(store, later, moves, {}, set(), before)
     return records
 
 
 def _rebase_latest(store, visits: list[VisitRecord]) -> list[VisitRecord]:
     """Give the latest visit a base; earlier visits keep their layers."""
     latest = visits[-1]
-    _check_space(store, _base_estimate(visits, latest))
+    check_space(store, _base_estimate(visits, latest))
     source = ContentSource(store.backend)
     moves = Moves()
-    fresh = {latest.visit: _write_base(store, latest, source, moves)}
+    fresh = {latest.visit: write_base(store, latest, source, moves)}
     before = visits[-2] if len(visits) > 1 else None
-    rewritten = _rewrite_visits(store, [latest], moves, fresh, set(), before)
+    rewritten = rewrite_visits(store, [latest], moves, fresh, set(), before)
     return visits[:-1] + rewritten
 
 
@@ -538,26 +276,6 @@ def _base_estimate(visits: list[VisitRecord], record: VisitRecord) -> int:
     """Compressed bytes a base of ``record`` takes, at most its chain's bytes."""
     sizes = policy_module.layer_sizes([r for r in visits if r.visit <= record.visit])
     return min(record.tree_bytes, sum(sizes.values())) or record.layer_bytes
-
-
-def _carry_estimate(store, source, carried) -> int:
-    """Compressed bytes of the carried ranges, at their layers' ratio."""
-    total = 0
-    for layer, spans in carried.items():
-        ratio = store.backend.size(layer) / max(1, source.reader(layer).raw_size)
-        total += int(live_bytes({layer: spans}) * ratio) + BLOCK * len(spans)
-    return total
-
-
-def _check_space(store, needed_bytes: int, margin: float = SPACE_MARGIN) -> None:
-    needed = int(margin * needed_bytes)
-    free = store.backend.free_bytes()
-    if free is not None and free < needed:
-        raise NoSpace(
-            f"{store.location}: no space for compaction: it needs about "
-            f"{needed} bytes free and only {free} are; free some space or "
-            "compact with --keep-last"
-        )
 
 
 def _space_needed(plan: Plan, sizes: dict[str, int], retired: set[str]) -> int:
@@ -579,7 +297,7 @@ def _report(store, plan: Plan, dry_run: bool) -> dict[str, Any]:
     for record in plan.dropped:
         for name in record.retained_layers:
             sizes[name] = store.backend.size(name)
-    retired = _layers_of(plan.dropped) - _layers_of(plan.kept)
+    retired = record_layers(plan.dropped) - record_layers(plan.kept)
     report = {
         "did": "would compact"
         if dry_run
@@ -595,6 +313,18 @@ def _report(store, plan: Plan, dry_run: bool) -> dict[str, Any]:
     }
     if plan.due:
         report["store_bytes_before"] = store.disk_usage()
+    return report
+
+
+def _preview(store, visits: list[VisitRecord], plan: Plan) -> dict[str, Any]:
+    """The dry-run report, with what retention would free and carry exactly.
+
+    Reads the kept manifests and contents lists (as the drop itself would)
+    but writes nothing.
+    """
+    report = _report(store, plan, dry_run=True)
+    if plan.dropped:
+        report |= preview_drop(store, visits, plan.kept, plan.dropped)
     return report
 
 
