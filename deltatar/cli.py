@@ -47,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     _configure_logging(args)
     if not args.store:
         parser.error(f"--store is required (or set {STORE_VARIABLE})")
+    _apply_object_store_options(args)
     try:
         return args.handler(args)
     except DeltatarError as error:
@@ -91,7 +92,16 @@ def _common_options() -> argparse.ArgumentParser:
     common.add_argument(
         "--store",
         default=os.environ.get(STORE_VARIABLE),
-        help=f"the store's directory (default: ${STORE_VARIABLE})",
+        help=f"the store's directory or s3://bucket/prefix URL (default: ${STORE_VARIABLE})",
+    )
+    common.add_argument(
+        "--endpoint-url",
+        metavar="URL",
+        help="S3 endpoint of an s3:// store (default: $AWS_ENDPOINT_URL_S3 or $AWS_ENDPOINT_URL)",
+    )
+    common.add_argument(
+        "--region",
+        help="region of an s3:// store (default: $AWS_REGION or $AWS_DEFAULT_REGION)",
     )
     common.add_argument("--json", action="store_true", help="print JSON on stdout")
     common.add_argument(
@@ -113,6 +123,18 @@ def _common_options() -> argparse.ArgumentParser:
         help="show progress bars (default: when stderr is a terminal)",
     )
     return common
+
+
+def _apply_object_store_options(args) -> None:
+    """Options override the AWS environment variables, as in the AWS tools.
+
+    The object store backend reads its endpoint and region where every S3
+    client looks for them, so the options are handed on the same way.
+    """
+    if args.endpoint_url:
+        os.environ["AWS_ENDPOINT_URL_S3"] = args.endpoint_url
+    if args.region:
+        os.environ["AWS_REGION"] = args.region
 
 
 def _command(
