@@ -1,8 +1,8 @@
 """A store in an S3-compatible bucket, against a real SeaweedFS server.
 
 Each test gets its own prefix in a bucket of a ``weed mini`` started on
-loopback for this module (tests/seaweed.py); the restart test starts its own
-server so that stopping it disturbs no other test.  Commands run as child
+loopback for this module (tests/seaweed.py); the restart test (marked slow)
+starts its own server so that stopping it disturbs no other test.  Commands run as child
 processes with the AWS variables of that server, as a user would run them.
 """
 
@@ -411,6 +411,7 @@ def test_damaged_objects_are_found_by_verify(s3_env, tmp_path, request):
     assert "visit 1" in damaged.stdout + damaged.stderr
 
 
+@pytest.mark.slow
 def test_server_restarted_mid_append_loses_no_visit(tmp_path, monkeypatch):
     own = SeaweedServer(tmp_path / "own-server")
     own.start()
