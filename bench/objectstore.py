@@ -144,7 +144,8 @@ def _report(rows: dict, options) -> str:
         "store is in a SeaweedFS `weed mini` on 127.0.0.1 of the same machine, so "
         "these figures hold deltatar's cost of speaking S3, not a network's. "
         "Throughput is tree bytes over wall seconds. Materialize starts with an "
-        "empty manifest cache.",
+        "empty manifest cache. On a machine shared with other work single runs "
+        "vary by tens of percent; compare the columns of one run.",
         "",
         "## Append",
         "",
