@@ -71,6 +71,7 @@ SCHEMES = ("s3",)
 MULTIPART_SIZE = 16 * 1024 * 1024
 PART_SIZE = 8 * 1024 * 1024
 UPLOAD_CONCURRENCY = 4
+UPLOAD_ATTEMPTS = 4
 GARBAGE_GRACE_SECONDS = 6 * 3600.0
 GRACE_VARIABLE = "DELTATAR_GARBAGE_GRACE"
 RETRIES = 5
@@ -171,6 +172,19 @@ class ObjectStoreBackend(Backend):
         with contextlib.suppress(*MISSING):
             obstore.head(self.store, name)
             raise StoreChanged(f"{self.location}: object {name} already exists")
+        for attempt in range(UPLOAD_ATTEMPTS):
+            try:
+                self._upload_parts(name, local_path)
+                return
+            except BaseError as error:
+                # A failed part aborts the whole upload (a server restart can
+                # also forget it); the next attempt starts afresh.
+                if attempt + 1 == UPLOAD_ATTEMPTS:
+                    raise
+                logger.warning("upload of %s failed (%s); retrying", name, error)
+                time.sleep(2.0 * 2**attempt)
+
+    def _upload_parts(self, name: str, local_path: Path) -> None:
         with open(local_path, "rb") as handle:
             obstore.put(
                 self.store,
