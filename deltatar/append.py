@@ -71,7 +71,7 @@ def append_visit(
         visit = head.next_visit
         previous = store.load_manifest(head.latest()) if head.visits else None
         scan_started = time.time_ns()
-        own_store = Path(store.location)
+        own_store = store.local_path
         result = scan(src, own_store, exclusion_spec(src, list(excludes)), strict)
         guard_nested_archives(src, result, previous, head, exclude_nested_archives)
         layer_name = store.new_object_name("layers", visit, ".tar.zst")
@@ -163,7 +163,9 @@ def check_source(src: Path) -> None:
 
 def _check_source(src: Path, store) -> None:
     check_source(src)
-    store_path = Path(store.location).resolve()
+    if store.local_path is None:
+        return
+    store_path = store.local_path.resolve()
     if src.resolve() == store_path or store_path in src.resolve().parents:
         raise UsageError(f"{src}: source lies inside the store {store.location}")
 

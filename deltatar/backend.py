@@ -101,6 +101,26 @@ class Backend(abc.ABC):
     def free_bytes(self) -> int | None:
         """Free space where new objects go, or None when it is not knowable."""
 
+    # Writers on other machines: whether another writer could be at work
+    # while this one holds the writer lock decides how leftovers are removed.
+    commit_before_delete = False
+
+    def removable_leftovers(self, names: list[str]) -> list[str]:
+        """Of the objects no head names, those no live writer can still name.
+
+        Under an flock no other writer runs, so every leftover is a dead
+        writer's; a backend whose lock can expire narrows this down.
+        """
+        return names
+
+    def expired_garbage(self, retired: dict[str, int]) -> list[str]:
+        """Of the objects a compaction retired (name: time_ns), those no reader needs."""
+        return [] if self.readers_active() else list(retired)
+
+    def uncached(self) -> contextlib.AbstractContextManager:
+        """Read from the store itself, not from a local cache, within a block."""
+        return contextlib.nullcontext()
+
 
 class LocalBackend(Backend):
     """A store kept in a directory of the local filesystem."""

@@ -140,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     _configure_logging(args)
     if args.needs_store and not args.store:
         command_parser.error(f"--store is required (or set {STORE_VARIABLE})")
+    _apply_object_store_options(args)
     return _run(args)
 
 
@@ -254,10 +255,22 @@ def _add_common_options(parser, suppress, top: bool) -> None:
     store = parser.add_argument(
         "--store",
         default=default(os.environ.get(STORE_VARIABLE)),
-        metavar="DIR",
-        help=f"the store's directory (default: ${STORE_VARIABLE})",
+        metavar="STORE",
+        help=f"the store's directory or s3://bucket/prefix (default: ${STORE_VARIABLE})",
     )
     store.complete = DIRECTORY_COMPLETION
+    parser.add_argument(
+        "--endpoint-url",
+        metavar="URL",
+        default=default(None),
+        help="S3 endpoint of an s3:// store "
+        "(default: $AWS_ENDPOINT_URL_S3 or $AWS_ENDPOINT_URL)",
+    )
+    parser.add_argument(
+        "--region",
+        default=default(None),
+        help="region of an s3:// store (default: $AWS_REGION or $AWS_DEFAULT_REGION)",
+    )
     parser.add_argument(
         "--json",
         action="store_true",
@@ -306,6 +319,18 @@ def _add_common_options(parser, suppress, top: bool) -> None:
         default=default(None),
         help="show progress bars (default: when stderr is a terminal)",
     )
+
+
+def _apply_object_store_options(args) -> None:
+    """Options override the AWS environment variables, as in the AWS tools.
+
+    The object store backend reads its endpoint and region where every S3
+    client looks for them, so the options are handed on the same way.
+    """
+    if args.endpoint_url:
+        os.environ["AWS_ENDPOINT_URL_S3"] = args.endpoint_url
+    if args.region:
+        os.environ["AWS_REGION"] = args.region
 
 
 def _command(

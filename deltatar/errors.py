@@ -16,7 +16,8 @@ traceback.
     ├── UnsupportedFormat   the store was written by a newer format version
     ├── VisitNotFound       no such visit, or it was compacted away
     ├── CorruptStore        an object is missing, damaged or hostile
-    └── NoSpace             the store's filesystem is full
+    ├── NoSpace             the store's filesystem is full
+    └── StoreUnavailable    the object store did not answer or refused access
 """
 
 from __future__ import annotations
@@ -64,3 +65,11 @@ class CorruptStore(DeltatarError):
 
 class NoSpace(DeltatarError):
     """The filesystem holding the store ran out of space."""
+
+
+class StoreUnavailable(DeltatarError):
+    """The object store holding the store could not be reached or refused us.
+
+    Not a :class:`CorruptStore`: nothing is known to be wrong with the store,
+    and the same command run again when the server answers may succeed.
+    """

@@ -71,9 +71,27 @@ class Head:
     next_visit: int = 1
     visits: list[VisitRecord] = field(default_factory=list)
     garbage: list[str] = field(default_factory=list)
+    garbage_times: dict[str, int] = field(default_factory=dict)
 
     def latest(self) -> VisitRecord | None:
         return self.visits[-1] if self.visits else None
+
+    def stamp_garbage(self, now_ns: int) -> None:
+        """Record when each retired object was first committed as garbage."""
+        self.garbage_times = {
+            name: self.garbage_times.get(name, now_ns) for name in self.garbage
+        }
+
+    def garbage_since(self) -> dict[str, int]:
+        """Each retired object with the time it was retired (0: unknown, old)."""
+        return {name: self.garbage_times.get(name, 0) for name in self.garbage}
+
+    def drop_garbage(self, names: list[str]) -> None:
+        gone = set(names)
+        self.garbage = [name for name in self.garbage if name not in gone]
+        self.garbage_times = {
+            name: when for name, when in self.garbage_times.items() if name not in gone
+        }
 
     def referenced_objects(self) -> set[str]:
         names: set[str] = set()
@@ -175,6 +193,10 @@ def encode(head: Head) -> bytes:
         for item in document["visits"]:
             for key in RETAINED_FIELDS:
                 del item[key]
+    if not head.garbage_times:
+        # Written only when there is garbage, so heads of format 1 readers
+        # that predate the field look exactly as they always did.
+        del document["garbage_times"]
     document["checksum"] = _checksum(document)
     return json.dumps(document, indent=1).encode()
 
@@ -216,6 +238,10 @@ def decode(data: bytes, location: str) -> Head:
             next_visit=int(document["next_visit"]),
             visits=[VisitRecord(**item) for item in document["visits"]],
             garbage=list(document.get("garbage", [])),
+            garbage_times={
+                str(name): int(when)
+                for name, when in dict(document.get("garbage_times", {})).items()
+            },
         )
     except (KeyError, TypeError, ValueError) as error:
         raise CorruptStore(f"{location}: HEAD is malformed ({error!r})") from None

@@ -173,11 +173,15 @@ def _prepare_destination(dest: Path, force: bool, store) -> tuple[bool, Path | N
     recorded from, store and all, is how a run is resumed, so the store is
     kept while everything else in DEST is replaced.
     """
-    store_path = Path(store.location).resolve()
     resolved = dest.resolve()
-    if resolved == store_path or store_path in resolved.parents:
-        raise UsageError(f"{dest}: destination lies inside the store {store.location}")
-    keep = store_path if resolved in store_path.parents else None
+    keep = None
+    if store.local_path is not None:
+        store_path = store.local_path.resolve()
+        if resolved == store_path or store_path in resolved.parents:
+            raise UsageError(
+                f"{dest}: destination lies inside the store {store.location}"
+            )
+        keep = store_path if resolved in store_path.parents else None
     if dest.is_symlink() or (dest.exists() and not dest.is_dir()):
         raise UsageError(f"{dest}: destination exists and is not a directory")
     if not dest.exists():

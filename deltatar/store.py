@@ -38,7 +38,7 @@ from . import policy as policy_module
 from .backend import Backend, LocalBackend
 from .content import apply_patch, make_patch, prefix_of, validate
 from .delta import Settings
-from .errors import CorruptStore, StoreNotFound, UsageError
+from .errors import CorruptStore, StoreChanged, StoreNotFound, UsageError
 from .formats import check_document
 from .head import Head, VisitRecord
 from .manifest import Manifest, StoredContent, gc_paused
@@ -85,6 +85,9 @@ class Store:
     @classmethod
     def open_or_create(cls, location: str | os.PathLike[str]) -> Store:
         """Open a store, creating an empty one when the location has none."""
+        if is_url(location):
+            _create_remote(_backend_for(location))
+            return cls.open(location)
         path = Path(location)
         if path.exists() and not path.is_dir():
             raise UsageError(f"{path}: exists and is not a directory, so not a store")
@@ -169,7 +172,13 @@ class Store:
 
     def commit_head(self, head: Head, token: str | None) -> None:
         head.generation += 1
+        head.stamp_garbage(time.time_ns())
         self.backend.swap_head(head_module.encode(head), token)
+
+    @property
+    def local_path(self) -> Path | None:
+        """The store's directory, or None for a store that is not a directory."""
+        return getattr(self.backend, "root", None)
 
     def load_manifest(self, record: VisitRecord) -> Manifest:
         data = self._manifest_bytes(record.manifest, record.manifest_reference)
@@ -388,21 +397,36 @@ class Store:
     def collect_garbage(self, head: Head, token: str | None) -> None:
         """Delete leftovers of crashed writers, and old layers no reader needs.
 
-        Objects that no head ever named (a crashed append's) are deleted at
-        once.  Objects a compaction retired stay until no reader holds the
-        reader guard, because a reader that opened the old head needs them.
+        Objects that no head names (a crashed append's) are deleted once the
+        backend says no live writer can still name them.  Objects a
+        compaction retired stay until the backend says no reader needs them:
+        a reader that opened the old head still reads them.
+
+        Where a lock can expire under a writer that still runs, the new head
+        is committed before anything is deleted: a writer that started from
+        an older head then fails to commit instead of naming deleted objects.
         """
         _clear_scratch(self.backend)
         referenced = head.referenced_objects() | set(head.garbage)
-        for kind in OBJECT_DIRS:
-            for name in self.backend.list(f"{kind}/"):
-                if name not in referenced:
-                    logger.info("removing leftover %s", name)
-                    self.backend.delete(name)
-        if head.garbage and not self.backend.readers_active():
-            for name in head.garbage:
-                self.backend.delete(name)
-            head.garbage = []
+        leftovers = [
+            name
+            for kind in OBJECT_DIRS
+            for name in self.backend.list(f"{kind}/")
+            if name not in referenced
+        ]
+        leftovers = self.backend.removable_leftovers(leftovers)
+        expired = self.backend.expired_garbage(head.garbage_since())
+        if expired:
+            head.drop_garbage(expired)
+        fence = self.backend.commit_before_delete and (leftovers or expired)
+        if fence:
+            self.commit_head(head, token)
+        for name in leftovers + expired:
+            logger.info(
+                "removing %s %s", "retired" if name in expired else "leftover", name
+            )
+            self.backend.delete(name)
+        if expired and not fence:
             self.commit_head(head, token)
 
     def disk_usage(self) -> int:
@@ -426,24 +450,60 @@ def compress_checked(data: bytes) -> bytes:
     return pyzstd.compress(data, options)
 
 
+def is_url(location: str | os.PathLike[str]) -> bool:
+    return "://" in os.fspath(location)
+
+
 def _backend_for(location: str | os.PathLike[str]) -> Backend:
+    """The backend a location names: a directory, or a URL's object store."""
     text = os.fspath(location)
-    if "://" in text:
-        raise UsageError(f"{text}: store URLs are not supported by this version")
-    return LocalBackend(Path(text))
+    if not is_url(text):
+        return LocalBackend(Path(text))
+    scheme = text.partition("://")[0].lower()
+    if scheme != "s3":
+        raise UsageError(
+            f"{text}: {scheme}:// stores are not supported; "
+            "use a directory or an s3://bucket/prefix URL"
+        )
+    from .objectstore import open_backend
+
+    return open_backend(text)
 
 
-def _create_local(path: Path) -> None:
-    path.mkdir(parents=True, exist_ok=True)
-    for kind in OBJECT_DIRS:
-        (path / kind).mkdir(exist_ok=True)
+def _create_remote(backend: Backend) -> None:
+    """Write a store header under an empty prefix, unless a store is there.
+
+    The header is put create-only, so of two writers creating the same store
+    at once one writes it and both then open the same store.
+    """
+    with contextlib.suppress(CorruptStore):
+        backend.read(HEADER_NAME)
+        return
+    if backend.list(""):
+        raise UsageError(
+            f"{backend.location}: holds objects but no deltatar store; "
+            "choose an empty or new prefix for --store"
+        )
+    with contextlib.suppress(StoreChanged):
+        backend.put_bytes(HEADER_NAME, _header_document())
+        logger.info("created store %s", backend.location)
+
+
+def _header_document() -> bytes:
     header = {
         "format": "deltatar-store",
         "version": STORE_VERSION,
         "created_ns": time.time_ns(),
         "store_id": secrets.token_hex(16),
     }
-    LocalBackend(path).put_bytes(HEADER_NAME, json.dumps(header, indent=1).encode())
+    return json.dumps(header, indent=1).encode()
+
+
+def _create_local(path: Path) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    for kind in OBJECT_DIRS:
+        (path / kind).mkdir(exist_ok=True)
+    LocalBackend(path).put_bytes(HEADER_NAME, _header_document())
     logger.info("created store %s", path)
 
 

@@ -21,7 +21,8 @@ logger = logging.getLogger(__name__)
 
 def verify_store(store, visit: int | str | None, quick: bool) -> list[str]:
     """Return one line per problem; an empty list means the store is sound."""
-    with store.backend.reader_guard():
+    # A local copy of an object proves nothing about the store: read it all.
+    with store.backend.reader_guard(), store.backend.uncached():
         head = store.read_head()
         records = (
             head.visits if visit is None else [head.resolve(visit, store.location)]
