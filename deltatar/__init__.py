@@ -6,8 +6,22 @@ tombstones for what was deleted.  Any visit can be materialized exactly, and
 compaction keeps restore cost and storage bounded.  See :class:`Store`.
 """
 
+from typing import TYPE_CHECKING, Any
+
 from .errors import DeltatarError
-from .store import Store
+
+if TYPE_CHECKING:
+    from .store import Store
 
 __all__ = ["DeltatarError", "Store", "__version__"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    # Store pulls in zstd, xxhash and orjson; importing it on first use keeps
+    # `deltatar --version` and `--help` quick.
+    if name == "Store":
+        from .store import Store
+
+        return Store
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

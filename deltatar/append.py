@@ -70,6 +70,7 @@ def append_visit(
     with store.writing(f"append {src}") as (head, token):
         visit = head.next_visit
         previous = store.load_manifest(head.latest()) if head.visits else None
+        store.forget_manifest_prefix()
         scan_started = time.time_ns()
         own_store = store.local_path
         result = scan(src, own_store, exclusion_spec(src, list(excludes)), strict)
@@ -256,6 +257,10 @@ def _record_entries(
                 continue
         elif builder.is_base or old is None or _differs(old, entry):
             builder.add_metadata_member(entry)
+        if old is not None and entry == old:
+            # Share the previous visit's entry: a large tree then holds one
+            # set of entries, not two, while the new manifest is written.
+            entry = old
         entries.append(entry)
         _count(counts, old, entry)
         if progress is not None:

@@ -24,6 +24,7 @@ import xxhash
 from .backend import no_space_guard
 from .content import ContentSource, hash_zeros, validate
 from .errors import CorruptStore, UsageError
+from .filewriter import CREATE_FLAGS, FileWriter, set_metadata, write_all
 from .head import VisitRecord
 from .manifest import (
     BLOCK_DEVICE,
@@ -39,6 +40,10 @@ from .manifest import (
 logger = logging.getLogger(__name__)
 
 MAX_FILE_SIZE = 1 << 50
+# Files up to this size are held whole in memory and queued for the writer.
+QUEUED_FILE_LIMIT = 8 * 1024 * 1024
+WRITER_THREADS = 4
+IS_ROOT = os.geteuid() == 0
 # Called as (files done, files in all, bytes done, bytes in all).
 Progress = Callable[[int, int, int, int], None]
 
@@ -70,6 +75,7 @@ def materialize_visit(
         head = store.read_head()
         record = head.resolve(visit, store.location)
         manifest = store.load_manifest(record)
+        store.forget_manifest_prefix()
         if manifest.tree_digest() != record.tree_digest:
             raise CorruptStore(
                 f"visit {record.visit}: manifest {record.manifest} does not match "
@@ -255,22 +261,58 @@ def _write_tree(
     progress: Progress | None,
 ) -> None:
     source = ContentSource(store.backend)
+    root = os.fspath(dest) + "/"
     directories = [entry for entry in entries if entry.type == DIRECTORY]
     for entry in directories:
         _make_directory(dest / entry.path)
     files = [e for e in entries if e.type == FILE and e.hardlink_of is None]
     files.sort(key=_read_order)
-    total_bytes = sum(entry.size for entry in files)
-    done_bytes = 0
-    for number, entry in enumerate(files, 1):
-        _write_file(source, dest, entry, record)
-        done_bytes += entry.size
-        if progress is not None:
-            progress(number, len(files), done_bytes, total_bytes)
+    _write_files(source, root, files, record, progress)
     for entry in entries:
         _write_other(dest, entry)
     for entry in reversed(directories):
         _apply_metadata(dest / entry.path, entry)
+
+
+# TODO: frames are decompressed in this thread one after another; decoding
+# the next frames ahead on the writer's threads would overlap that work too.
+def _write_files(
+    source: ContentSource,
+    root: str,
+    files: list[Entry],
+    record: VisitRecord,
+    progress: Progress | None,
+) -> None:
+    """Check each file's content in this thread; create files on the writer's.
+
+    Large files are streamed here instead, so memory stays bounded by the
+    writer's queue whatever the file sizes.
+    """
+    writer = FileWriter(WRITER_THREADS)
+    total_bytes = sum(entry.size for entry in files)
+    done_bytes = 0
+    try:
+        for number, entry in enumerate(files, 1):
+            if entry.size > QUEUED_FILE_LIMIT:
+                _stream_file(source, root + entry.path, entry, record)
+            else:
+                parts = list(source.iter_pieces(entry.recipe or []))
+                _check_content(parts, entry, record)
+                writer.submit(
+                    root + entry.path,
+                    parts,
+                    entry.size,
+                    entry.mode,
+                    entry.mtime_ns,
+                    _owner(entry),
+                )
+            done_bytes += entry.size
+            if progress is not None:
+                progress(number, len(files), done_bytes, total_bytes)
+    except BaseException:
+        writer.close()
+        raise
+    writer.finish()
 
 
 def _make_directory(path: Path) -> None:
@@ -291,38 +333,52 @@ def _read_order(entry: Entry) -> tuple[str, int]:
     return "", 0
 
 
-def _write_file(
-    source: ContentSource, dest: Path, entry: Entry, record: VisitRecord
+def _check_content(parts: list[bytes | int], entry: Entry, record) -> None:
+    digest = xxhash.xxh3_128()
+    for part in parts:
+        if isinstance(part, int):
+            hash_zeros(digest, part)
+        else:
+            digest.update(part)
+    if digest.hexdigest() != entry.content_id:
+        raise _content_mismatch(entry, record)
+
+
+def _content_mismatch(entry: Entry, record: VisitRecord) -> CorruptStore:
+    return CorruptStore(
+        f"visit {record.visit}: {entry.path!r} does not match its content id; "
+        "the store is damaged (run 'deltatar verify')"
+    )
+
+
+def _stream_file(
+    source: ContentSource, path: str, entry: Entry, record: VisitRecord
 ) -> None:
-    path = dest / entry.path
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
-    fd = os.open(path, flags, 0o600)
+    """Write a large file piece by piece, checking it as it goes."""
+    fd = os.open(path, CREATE_FLAGS, 0o600)
     digest = xxhash.xxh3_128()
     try:
         for part in source.iter_pieces(entry.recipe or []):
             if isinstance(part, int):
-                os.lseek(fd, part, os.SEEK_CUR)
                 hash_zeros(digest, part)
+                os.lseek(fd, part, os.SEEK_CUR)
             else:
                 digest.update(part)
-                _write_all(fd, part)
+                write_all(fd, part)
         os.ftruncate(fd, entry.size)
+        if digest.hexdigest() == entry.content_id:
+            set_metadata(fd, entry.mode, entry.mtime_ns, _owner(entry))
     finally:
         os.close(fd)
     if digest.hexdigest() != entry.content_id:
-        path.unlink()
-        raise CorruptStore(
-            f"visit {record.visit}: {entry.path!r} does not match its content id; "
-            "the store is damaged (run 'deltatar verify')"
-        )
-    _apply_metadata(path, entry)
+        os.unlink(path)
+        raise _content_mismatch(entry, record)
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        written = os.write(fd, view)
-        view = view[written:]
+def _owner(entry: Entry) -> tuple[int, int] | None:
+    if entry.uid is None or entry.gid is None or not IS_ROOT:
+        return None
+    return entry.uid, entry.gid
 
 
 def _write_other(dest: Path, entry: Entry) -> None:

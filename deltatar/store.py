@@ -190,6 +190,14 @@ class Store:
             )
         return manifest
 
+    def forget_manifest_prefix(self) -> None:
+        """Drop the cached patch reference: a whole manifest's bytes.
+
+        Callers that load one manifest and then hold its entries call this,
+        so the entries and the raw bytes they came from are not held at once.
+        """
+        self._prefix_cache = {}
+
     def save_manifest(self, manifest: Manifest, reference: str) -> tuple[str, int, str]:
         """Store a manifest, as a patch against ``reference`` when that pays.
 
@@ -199,9 +207,14 @@ class Store:
         more than two objects.  Returns (name, stored bytes, reference used).
         """
         name = self.new_object_name("manifests", manifest.visit, ".json.zst")
+        # The reference is prepared first: preparing it briefly takes two
+        # copies of it, and the encoded manifest need not exist by then.
+        # TODO: the encoded manifest and its reference are still whole copies
+        # at once (about 55 MB each at 200,000 files); streaming would not be.
+        prefix = self._manifest_prefix(reference) if reference else None
         raw = manifest_module.encode(manifest)
-        if reference:
-            patch = make_patch(raw, self._manifest_prefix(reference), 3)
+        if prefix is not None:
+            patch = make_patch(raw, prefix, 3)
             if len(patch) <= PATCHED_MANIFEST_SHARE * self.backend.size(reference):
                 self.backend.put_bytes(name, patch)
                 return name, len(patch), reference

@@ -1,0 +1,136 @@
+"""Write restored files on a few threads.
+
+Materializing a tree of small files costs mostly system calls: creating a
+file, writing it, setting its owner, mode and times.  Those calls release the
+GIL, so a handful of threads doing them overlaps the kernel's work with the
+decompression and hashing the main thread does.  Each file is written with as
+few calls as its content allows (one ``writev`` for data without holes) and
+its metadata is set through the open descriptor, never by path again.
+
+Callers hand over a file's content already checked against its content id,
+so nothing unverified is ever written.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+
+CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+MAX_PENDING_BYTES = 32 * 1024 * 1024
+MAX_PENDING_FILES = 256
+# writev takes at most IOV_MAX buffers (1024 on Linux).
+MAX_BUFFERS = 1024
+
+Owner = tuple[int, int] | None
+
+
+class FileWriter:
+    """A bounded queue of files to create, written by a small thread pool.
+
+    At most :data:`MAX_PENDING_BYTES` of content waits at any time; an error
+    of any write is raised by the next :meth:`submit` or by :meth:`finish`.
+    """
+
+    def __init__(self, threads: int = 4) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=max(1, threads))
+        self._pending: collections.deque[tuple[Future[None], int]] = collections.deque()
+        self._pending_bytes = 0
+
+    def submit(
+        self,
+        path: str,
+        parts: Sequence[bytes | int],
+        size: int,
+        mode: int,
+        mtime_ns: int,
+        owner: Owner,
+    ) -> None:
+        """Queue one file; ``parts`` are data and hole lengths, in order."""
+        future = self._pool.submit(write_file, path, parts, size, mode, mtime_ns, owner)
+        self._pending.append((future, size))
+        self._pending_bytes += size
+        while (
+            self._pending_bytes > MAX_PENDING_BYTES
+            or len(self._pending) > MAX_PENDING_FILES
+        ):
+            self._wait_oldest()
+
+    def finish(self) -> None:
+        """Wait for every queued file; raise the first error any write met."""
+        try:
+            while self._pending:
+                self._wait_oldest()
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Stop without waiting for queued files (after an error elsewhere)."""
+        for future, _ in self._pending:
+            future.cancel()
+        self._pool.shutdown(wait=True)
+        self._pending.clear()
+
+    def _wait_oldest(self) -> None:
+        future, size = self._pending.popleft()
+        self._pending_bytes -= size
+        future.result()
+
+
+def write_file(
+    path: str,
+    parts: Sequence[bytes | int],
+    size: int,
+    mode: int,
+    mtime_ns: int,
+    owner: Owner,
+) -> None:
+    """Create ``path`` holding ``parts`` and give it its metadata."""
+    fd = os.open(path, CREATE_FLAGS, 0o600)
+    try:
+        write_parts(fd, parts, size)
+        set_metadata(fd, mode, mtime_ns, owner)
+    finally:
+        os.close(fd)
+
+
+def write_parts(fd: int, parts: Sequence[bytes | int], size: int) -> None:
+    """Write data and leave holes, then fix the length (a file may end in one)."""
+    if not any(isinstance(part, int) for part in parts):
+        _write_buffers(fd, parts, size)
+        return
+    for part in parts:
+        if isinstance(part, int):
+            os.lseek(fd, part, os.SEEK_CUR)
+        else:
+            write_all(fd, part)
+    os.ftruncate(fd, size)
+
+
+def set_metadata(fd: int, mode: int, mtime_ns: int, owner: Owner) -> None:
+    """Owner first (it clears set-id bits), then mode, then times."""
+    if owner is not None:
+        os.fchown(fd, *owner)
+    os.fchmod(fd, mode)
+    os.utime(fd, ns=(mtime_ns, mtime_ns))
+
+
+def _write_buffers(fd: int, buffers: Sequence[bytes], total: int) -> None:
+    """Write ``buffers`` with as few calls as the kernel lets us."""
+    if len(buffers) <= 1 or len(buffers) > MAX_BUFFERS:
+        for buffer in buffers:
+            write_all(fd, buffer)
+        return
+    written = os.writev(fd, buffers)
+    if written < total:
+        write_all(fd, b"".join(buffers)[written:])
+
+
+def write_all(fd: int, data: bytes) -> None:
+    """Write all of ``data``; a write may take less than it was given."""
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
