@@ -6,6 +6,8 @@ state after that visit.  deltatar ships one (``deltatar.simulate``).  Two more
 live outside the repository, in ``../shared/workloads`` next to the checkout;
 they are loaded by file path because that directory is not a package and may
 be absent, in which case the benchmark runs without them and says so.
+The real history, ``releases``, is successive sdists of a real project
+(``bench.releases``), fetched with pip into a cache on first use.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
+
+from .releases import PROJECT, RELEASES, ReleaseHistory
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHARED_WORKLOADS = REPO_ROOT.parent / "shared" / "workloads"
@@ -30,9 +34,13 @@ class Workload:
     name: str
     origin: str
     apply_visit: ApplyVisit
+    # A real history has only so many states; generators have no limit.
+    max_visits: int | None = None
 
 
-def discover() -> tuple[dict[str, Workload], list[str]]:
+def discover(
+    cache: Path, releases: tuple[str, ...] = RELEASES
+) -> tuple[dict[str, Workload], list[str]]:
     """The workloads that can run, and one note for each that cannot."""
     from deltatar import simulate
 
@@ -49,6 +57,11 @@ def discover() -> tuple[dict[str, Workload], list[str]]:
         module = _load_by_path(name, path)
         found[name] = Workload(name, str(path), module.apply_visit)
 
+    history = ReleaseHistory(cache / "releases", releases)
+    origin = f"sdists of {PROJECT} {releases[0]} to {releases[-1]} from PyPI"
+    found["releases"] = Workload(
+        "releases", origin, history.apply_visit, history.max_visits
+    )
     return found, notes
 
 
