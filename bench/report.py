@@ -31,6 +31,13 @@ TARGET_LABELS = {
 METHOD = """\
 ## How the numbers are made
 
+- Sizes: `scripts/bench --quick` (scale 0.1, 8 visits, the last 4 releases,
+  one restore run each), the default (scale 1.0, 50 visits, 12 releases,
+  three restore runs), `--large` (generic at scale 170, over 200,000 files and
+  several GB, 5 visits, no ideal). Workloads: `simulate` (deltatar's own
+  simulator), `attractor` and `generic` (shared generators) and `releases`
+  (successive sdists of pip, unpacked without their versioned top directory,
+  each replacing the tree).
 - Store bytes: the apparent sizes of all regular files in a tool's store
   directory after the append. tar-incremental includes its `.snar` listing,
   which continuing the chain needs. The caches restic and borg keep outside
@@ -39,21 +46,31 @@ METHOD = """\
   one zstd-3 stream of the bytes no earlier visit held (content seen anywhere
   before is free, grown files add their tail), plus a zstd-3 patch-from of each
   edited file against its previous version when that beats compressing it
-  plainly. Metadata is free. The ideal is a yardstick, not a bound: a store that
-  matches across files or uses a longer window can come in under it. See
-  `bench/ideal.py`.
+  plainly. Metadata is free. See `bench/ideal.py`.
+- Floors, measured on the same tree right after each visit (`bench/limits.py`):
+  GNU find stats every entry; the files whose path is new or whose size or
+  mtime changed are read once and compressed with zstd-3 in one stream. The
+  append floor is the sum of the three.
 - Peers: `full` is `tar -cf - -C TREE . | zstd -3` every visit.
-  `tar-incremental` is GNU tar `--listed-incremental` through `zstd -3`; note
-  that GNU tar follows directories by device and inode, so a renamed directory
-  costs it nothing. restic uses a version-2 repository with its default
-  compression; borg `init -e none` and `create --compression zstd,3`; zpaq
-  `add` with its default method.
+  `nested-tgz` is the naive habit: `tar | gzip -6` of the tree together with
+  every earlier archive, so each archive holds all before it; it stops when
+  the next archive would pass 256 MiB. `tar-incremental` is GNU tar
+  `--listed-incremental` through `zstd -3` (a renamed directory costs it
+  nothing, as tar follows directories by device and inode). restic uses a
+  version-2 repository with its default compression; borg `init -e none` and
+  `create --compression zstd,3`; zpaq `add` with its default method.
 - Times: wall seconds around the whole command (for deltatar this includes
   Python start-up); CPU seconds from `getrusage(RUSAGE_CHILDREN)` deltas; peak
   RSS from GNU time `%M`.
-- Restores are compared with a copy of the tree taken right after the visit
-  was appended. The floor's mtime differences are expected: GNU tar's default
-  format keeps whole seconds.
+- Restores: every tool restores the first, the middle and the last visit
+  after the last one was appended (tar-incremental extracts its chain up to
+  the visit, zpaq `-until`, restic by tag, borg by archive), deltatar also
+  after `compact`. Each is compared with a copy of the tree taken right after
+  the visit was appended. The floor of a visit is `zstd -dc | tar -x` of that
+  visit's full archive; its mtime differences are expected (GNU tar's default
+  format keeps whole seconds).
+- Targets are ratios of figures from the same run (`bench/targets.py`); the
+  append ratios use the sums over visits 2 on.
 """
 
 
