@@ -58,7 +58,9 @@ METHOD = """\
   `--listed-incremental` through `zstd -3` (a renamed directory costs it
   nothing, as tar follows directories by device and inode). restic uses a
   version-2 repository with its default compression; borg `init -e none` and
-  `create --compression zstd,3`; zpaq `add` with its default method.
+  `create --compression zstd,3`; zpaq `add` with its default method (zpaq
+  does not store symbolic links, so its restores lack them and are marked
+  not exact).
 - Times: wall seconds around the whole command (for deltatar this includes
   Python start-up); CPU seconds from `getrusage(RUSAGE_CHILDREN)` deltas; peak
   RSS from GNU time `%M`.
