@@ -14,6 +14,7 @@ import random
 import tarfile
 from pathlib import Path
 
+from bench.ideal import patch_size
 from bench.limits import FloorTracker
 from bench.releases import ReleaseHistory
 from bench.targets import final_numbers
@@ -67,6 +68,12 @@ def test_targets_are_ratios_of_the_same_run() -> None:
     assert targets["append_vs_restic"]["ratio"] == 6.0
     assert targets["append_vs_restic"]["met"] is True
     assert targets["smallest_store"]["met"] is True
+
+
+def test_patch_against_a_tiny_old_version_is_priced() -> None:
+    new = b"a line of text that grew\n" * 40
+    assert 0 < patch_size(new, b"abc") < len(new)
+    assert 0 < patch_size(new, new[:500]) < patch_size(new, b"abc")
 
 
 def _row(visit: int, deltatar: float, restic: float, floor: float) -> dict:
