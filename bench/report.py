@@ -20,7 +20,7 @@ TARGET_LABELS = {
     "append_vs_restic": "restic append / deltatar append",
     "append_vs_borg": "borg append / deltatar append",
     "restore_vs_floor": "restore / zstd -dc \\| tar -x floor, worst visit",
-    "restore_spread": "restore slowest / fastest of first, middle, last",
+    "restore_spread": "restore / floor, highest over lowest of first, middle, last",
     "peak_rss": "peak RSS of append and materialize",
     "smallest_store": "deltatar store / smallest peer store",
     "store_vs_ideal": "deltatar / ideal",
