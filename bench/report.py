@@ -56,7 +56,9 @@ METHOD = """\
   every earlier archive, so each archive holds all before it; it stops when
   the next archive would pass 256 MiB. `tar-incremental` is GNU tar
   `--listed-incremental` through `zstd -3` (a renamed directory costs it
-  nothing, as tar follows directories by device and inode). restic uses a
+  nothing, as tar follows directories by device and inode; where a tree is
+  deleted and unpacked anew, as in `releases`, reused inode numbers look like
+  renames to it, and restoring its chain can fail). restic uses a
   version-2 repository with its default compression; borg `init -e none` and
   `create --compression zstd,3`; zpaq `add` with its default method (zpaq
   does not store symbolic links, so its restores lack them and are marked
@@ -437,8 +439,10 @@ def _restore_table(restore: dict[str, Any]) -> str:
 
 def _restore_line(label: str, visit: Any, outcome: dict[str, Any]) -> str:
     if "error" in outcome:
-        first = outcome["error"].splitlines()[0]
-        return f"| {label} | {visit} | failed: `{first}` | | | | |"
+        # The first line names the command; the tool's own complaint follows.
+        lines = outcome["error"].splitlines()
+        reason = lines[1] if len(lines) > 1 else lines[0]
+        return f"| {label} | {visit} | failed: `{reason}` | | | | |"
     exact = (
         "yes" if outcome["exact"] else f"**no** ({outcome['content_difference_count']})"
     )
