@@ -31,7 +31,7 @@ TARGET_LABELS = {
 METHOD = """\
 ## How the numbers are made
 
-- Sizes: `scripts/bench --quick` (scale 0.1, 8 visits, the last 4 releases,
+- Sizes: `scripts/bench --quick` (scale 0.1, 6 visits, the last 4 releases,
   one restore run each), the default (scale 1.0, 50 visits, 12 releases,
   three restore runs), `--large` (generic at scale 170, over 200,000 files and
   several GB, 5 visits, no ideal). Workloads: `simulate` (deltatar's own

@@ -52,7 +52,7 @@ from bench.workloads import REPO_ROOT, Workload, discover
 
 BENCH_DIR = REPO_ROOT / "bench"
 SIZES = {
-    "quick": {"scale": 0.1, "visits": 8, "releases": 4, "ideal": True, "repeats": 1},
+    "quick": {"scale": 0.1, "visits": 6, "releases": 4, "ideal": True, "repeats": 1},
     "default": {
         "scale": 1.0,
         "visits": 50,
