@@ -34,6 +34,8 @@ LEVEL = 3
 # 2 GiB is the largest zstd allows on 64-bit machines.
 MAX_WINDOW_LOG = 31
 MIN_WINDOW_LOG = 20
+# zstd refuses a raw prefix shorter than eight bytes; nothing to gain anyway.
+MIN_PREFIX = 8
 
 
 @dataclass
@@ -122,7 +124,7 @@ def content_id(data: bytes) -> bytes:
 
 def patch_size(data: bytes, old: bytes) -> int:
     """Size of a zstd-3 patch-from frame of ``data`` with ``old`` as raw prefix."""
-    if not old:
+    if len(old) < MIN_PREFIX:
         return len(pyzstd.compress(data, LEVEL))
     window = (len(old) + len(data)).bit_length()
     options = {

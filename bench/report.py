@@ -14,17 +14,30 @@ from typing import Any
 
 from .targets import cumulative_ideal, store_after
 
-PEERS = ("tar-incremental", "full", "restic", "borg", "zpaq")
+PEERS = ("tar-incremental", "full", "nested-tgz", "restic", "borg", "zpaq")
 TARGET_LABELS = {
+    "append_vs_floor": "append / floor (stat + read + zstd of new bytes)",
+    "append_vs_restic": "restic append / deltatar append",
+    "append_vs_borg": "borg append / deltatar append",
+    "restore_vs_floor": "restore / zstd -dc \\| tar -x floor, worst visit",
+    "restore_spread": "restore / floor, highest over lowest of first, middle, last",
+    "peak_rss": "peak RSS of append and materialize",
+    "smallest_store": "deltatar store / smallest peer store",
     "store_vs_ideal": "deltatar / ideal",
     "store_vs_tar_incremental": "deltatar / tar incremental",
-    "full_archives_vs_store": "full tar\\|zstd / deltatar",
 }
 
 
 METHOD = """\
 ## How the numbers are made
 
+- Sizes: `scripts/bench --quick` (scale 0.1, 6 visits, the last 4 releases,
+  one restore run each), the default (scale 1.0, 50 visits, 12 releases,
+  three restore runs), `--large` (generic at scale 170, over 200,000 files and
+  several GB, 5 visits, no ideal). Workloads: `simulate` (deltatar's own
+  simulator), `attractor` and `generic` (shared generators) and `releases`
+  (successive sdists of pip, unpacked without their versioned top directory,
+  each replacing the tree).
 - Store bytes: the apparent sizes of all regular files in a tool's store
   directory after the append. tar-incremental includes its `.snar` listing,
   which continuing the chain needs. The caches restic and borg keep outside
@@ -33,21 +46,35 @@ METHOD = """\
   one zstd-3 stream of the bytes no earlier visit held (content seen anywhere
   before is free, grown files add their tail), plus a zstd-3 patch-from of each
   edited file against its previous version when that beats compressing it
-  plainly. Metadata is free. The ideal is a yardstick, not a bound: a store that
-  matches across files or uses a longer window can come in under it. See
-  `bench/ideal.py`.
+  plainly. Metadata is free. See `bench/ideal.py`.
+- Floors, measured on the same tree right after each visit (`bench/limits.py`):
+  GNU find stats every entry; the files whose path is new or whose size or
+  mtime changed are read once and compressed with zstd-3 in one stream. The
+  append floor is the sum of the three.
 - Peers: `full` is `tar -cf - -C TREE . | zstd -3` every visit.
-  `tar-incremental` is GNU tar `--listed-incremental` through `zstd -3`; note
-  that GNU tar follows directories by device and inode, so a renamed directory
-  costs it nothing. restic uses a version-2 repository with its default
-  compression; borg `init -e none` and `create --compression zstd,3`; zpaq
-  `add` with its default method.
+  `nested-tgz` is the naive habit: `tar | gzip -6` of the tree together with
+  every earlier archive, so each archive holds all before it; it stops when
+  the next archive would pass 256 MiB. `tar-incremental` is GNU tar
+  `--listed-incremental` through `zstd -3` (a renamed directory costs it
+  nothing, as tar follows directories by device and inode; where a tree is
+  deleted and unpacked anew, as in `releases`, reused inode numbers look like
+  renames to it, and restoring its chain can fail). restic uses a
+  version-2 repository with its default compression; borg `init -e none` and
+  `create --compression zstd,3`; zpaq `add` with its default method (zpaq
+  does not store symbolic links, so its restores lack them and are marked
+  not exact).
 - Times: wall seconds around the whole command (for deltatar this includes
   Python start-up); CPU seconds from `getrusage(RUSAGE_CHILDREN)` deltas; peak
   RSS from GNU time `%M`.
-- Restores are compared with a copy of the tree taken right after the visit
-  was appended. The floor's mtime differences are expected: GNU tar's default
-  format keeps whole seconds.
+- Restores: every tool restores the first, the middle and the last visit
+  after the last one was appended (tar-incremental extracts its chain up to
+  the visit, zpaq `-until`, restic by tag, borg by archive), deltatar also
+  after `compact`. Each is compared with a copy of the tree taken right after
+  the visit was appended. The floor of a visit is `zstd -dc | tar -x` of that
+  visit's full archive; its mtime differences are expected (GNU tar's default
+  format keeps whole seconds).
+- Targets are ratios of figures from the same run (`bench/targets.py`); the
+  append ratios use the sums over visits 2 on.
 """
 
 
@@ -91,7 +118,8 @@ def _preamble(results: dict[str, Any]) -> str:
         f"- date: {results['date']}",
         f"- machine: {machine['nproc']} CPUs, {gib:.1f} GiB memory, "
         f"Python {machine['python']}, {machine['platform']}",
-        f"- visits: {options['visits']}, scale {options['scale']}, "
+        f"- size: {options.get('size', 'default')}; visits: {options['visits']}, "
+        f"scale {options['scale']}, releases {options.get('releases', '–')}, "
         f"seed {options['seed']}",
         f"- peak memory from: {machine['peak_rss_source']}",
         "",
@@ -108,39 +136,51 @@ def _preamble(results: dict[str, Any]) -> str:
 
 
 def _finals(results: dict[str, Any]) -> str:
+    names = list(results["workloads"])
     lines = [
-        "## Final sizes and targets",
+        "## Targets",
         "",
-        *_header_row(
-            ["workload", "visits", "ideal", "deltatar", *PEERS, *TARGET_LABELS.values()]
-        ),
+        "Each cell: the measured ratio, the target, and met or missed "
+        "(n/a: not judged on this workload or not measurable in this run).",
+        "",
+        *_header_row(["target", *names]),
     ]
+    for key, label in TARGET_LABELS.items():
+        cells = [label]
+        for name in names:
+            target = results["workloads"][name].get("final", {}).get("targets", {})
+            cells.append(_verdict(target[key]) if key in target else "n/a")
+        lines.append(_row(cells))
+    lines += ["", "## Final store sizes", ""]
+    lines += _header_row(["workload", "visits", "files", "ideal", "deltatar", *PEERS])
     for name, data in results["workloads"].items():
         final = data["final"]
         sizes = final["store_bytes"]
         cells = [
             name,
             str(final["visits"]),
+            str(final.get("files", "–")),
             mib(final["ideal_bytes"]),
             mib(sizes.get("deltatar")),
         ]
-        cells += [mib(sizes.get(peer)) for peer in PEERS]
-        cells += [_verdict(final["targets"][key]) for key in TARGET_LABELS]
+        cells += [_final_size(data, peer) for peer in PEERS]
         lines.append(_row(cells))
-    lines += [
-        "",
-        "Targets: deltatar / ideal <= 1.25; deltatar / tar incremental <= 0.5; "
-        "full tar\\|zstd per visit / deltatar >= 10 after 20 visits.",
-        "",
-        "Whether the tar target is reachable at all: the ideal itself against "
-        "tar's incremental chain.",
-        "",
-        *_header_row(["workload", "ideal / tar incremental"]),
-    ]
-    for name, data in results["workloads"].items():
-        ratio = data["final"]["targets"]["store_vs_tar_incremental"].get("ideal_ratio")
-        lines.append(f"| {name} | {'n/a' if ratio is None else f'{ratio:.3f}'} |")
     return "\n".join(lines)
+
+
+def _final_size(data: dict[str, Any], tool: str) -> str:
+    """A peer's last store size, or why it has none (such as nested-tgz's cap)."""
+    size = data["final"]["store_bytes"].get(tool)
+    if size is not None:
+        return mib(size)
+    for row in data["visits"]:
+        outcome = row["tools"].get(tool) or {}
+        if "error" in outcome:
+            before = data["visits"][row["visit"] - 2] if row["visit"] > 1 else None
+            last = store_after(before, tool) if before else None
+            reason = "stopped" if outcome["error"].startswith("stopped") else "failed"
+            return f"{reason} at visit {row['visit']} ({mib(last)} before)"
+    return "–"
 
 
 def _overheads(results: dict[str, Any]) -> str:
@@ -183,19 +223,24 @@ def _overheads(results: dict[str, Any]) -> str:
 def _verdict(target: dict[str, Any]) -> str:
     if target["ratio"] is None:
         return "n/a"
+    unit = f" {target['unit']}" if "unit" in target else ""
+    shown = f"{target['ratio']:.3f}{unit} ({target['target']})"
+    if target["met"] is None:
+        return f"{shown}: n/a, {target.get('note', 'not judged')}"
     mark = "met" if target["met"] else "**missed**"
-    note = " (fewer visits than the target assumes)" if "note" in target else ""
-    return f"{target['ratio']:.3f} {target['target']}: {mark}{note}"
+    note = f" ({target['note']})" if "note" in target else ""
+    return f"{shown}: {mark}{note}"
 
 
 def _workload(name: str, data: dict[str, Any], plot: str | None, base: Path) -> str:
     parts = [f"## Workload `{name}`", "", f"Source: `{data['origin']}`.", ""]
     if plot:
         relative = Path(plot).relative_to(base)
-        parts += [f"![{name}: store size and append time per visit]({relative})", ""]
+        parts += [f"![{name}: store size, append and restore time]({relative})", ""]
     else:
         parts += ["(No plot: matplotlib is not installed.)", ""]
     parts += [_size_table(data["visits"]), "", _time_table(data["visits"]), ""]
+    parts += [_tool_summary(data["visits"]), "", _startup(data.get("startup")), ""]
     parts += [_restore_table(data["restore"]), "", _breakdown(data)]
     return "\n".join(parts)
 
@@ -232,13 +277,20 @@ def _size_cell(row: dict[str, Any], tool: str) -> str:
 
 
 def _time_table(rows: list[dict[str, Any]]) -> str:
-    tools = ("deltatar", *PEERS)
     lines = [
-        "Append wall seconds (deltatar also: CPU seconds and peak RSS).",
+        "Append wall seconds per visit, next to the floors measured on the same "
+        "tree: stat of every entry (GNU find), read and zstd-3 of the new or "
+        "changed files.",
         "",
         *_header_row(
             [
                 "visit",
+                "files",
+                "new bytes",
+                "stat s",
+                "read s",
+                "zstd s",
+                "floor s",
                 "deltatar s",
                 "deltatar CPU s",
                 "deltatar peak RSS",
@@ -247,18 +299,95 @@ def _time_table(rows: list[dict[str, Any]]) -> str:
         ),
     ]
     for row in rows:
-        cells = [str(row["visit"])]
-        for tool in tools:
+        floor = row["floor"]
+        cells = [
+            str(row["visit"]),
+            str(floor["files"]),
+            mib(floor["new_bytes"]),
+            *(
+                f"{floor[key]:.3f}"
+                for key in (
+                    "stat_seconds",
+                    "read_seconds",
+                    "compress_seconds",
+                    "floor_seconds",
+                )
+            ),
+        ]
+        for tool in ("deltatar", *PEERS):
             outcome = row["tools"].get(tool)
             if not outcome or "error" in outcome:
                 cells += ["–", "–", "–"] if tool == "deltatar" else ["–"]
                 continue
             cells.append(f"{outcome['seconds']:.2f}")
             if tool == "deltatar":
-                cpu = outcome["user_seconds"] + outcome["system_seconds"]
-                cells += [f"{cpu:.2f}", _rss(outcome["peak_rss_kib"])]
+                cells += [f"{_cpu(outcome):.2f}", _rss(outcome["peak_rss_kib"])]
         lines.append(_row(cells))
     return "\n".join(lines)
+
+
+def _cpu(outcome: dict[str, Any]) -> float:
+    return outcome["user_seconds"] + outcome["system_seconds"]
+
+
+def _tool_summary(rows: list[dict[str, Any]]) -> str:
+    """Per tool: appends summed over the whole run and the largest peak RSS."""
+    lines = [
+        "Every tool over all its appends (incremental: visits 2 on).",
+        "",
+        *_header_row(
+            [
+                "tool",
+                "visits",
+                "wall s",
+                "CPU s",
+                "incremental wall s",
+                "incremental CPU s",
+                "max peak RSS",
+            ]
+        ),
+    ]
+    for tool in ("deltatar", *PEERS):
+        done = [
+            (row["visit"], row["tools"][tool])
+            for row in rows
+            if tool in row["tools"] and "error" not in row["tools"][tool]
+        ]
+        if not done:
+            continue
+        later = [outcome for visit, outcome in done if visit > 1]
+        peaks = [outcome["peak_rss_kib"] or 0 for _, outcome in done]
+        cells = [
+            tool,
+            str(len(done)),
+            f"{sum(outcome['seconds'] for _, outcome in done):.2f}",
+            f"{sum(_cpu(outcome) for _, outcome in done):.2f}",
+            f"{sum(outcome['seconds'] for outcome in later):.2f}",
+            f"{sum(_cpu(outcome) for outcome in later):.2f}",
+            _rss(max(peaks) or None),
+        ]
+        lines.append(_row(cells))
+    return "\n".join(lines)
+
+
+def _startup(startup: dict[str, Any] | None) -> str:
+    if not startup:
+        return "Start-up: not measured."
+    parts = []
+    for key, label in (
+        ("version", "`deltatar --version`"),
+        ("no_change_append", "an append that finds nothing changed"),
+    ):
+        outcome = startup.get(key, {})
+        if "error" in outcome:
+            parts.append(f"{label}: failed")
+        elif outcome:
+            runs = " / ".join(f"{value:.3f}" for value in outcome["all_seconds"])
+            parts.append(
+                f"{label}: {outcome['seconds']:.3f} s median ({runs}), "
+                f"peak RSS {_rss(outcome['peak_rss_kib'])}"
+            )
+    return "Start-up: " + "; ".join(parts) + "."
 
 
 def _rss(kib: int | None) -> str:
@@ -269,8 +398,9 @@ def _restore_table(restore: dict[str, Any]) -> str:
     if "error" in restore:
         return f"Restores: not timed ({restore['error']})."
     lines = [
-        "Restore after the last visit (exact: paths, types, modes, symlink "
-        "targets and bytes equal to the tree that was appended).",
+        "Restores after the last visit (exact: paths, types, modes, symlink "
+        "targets and bytes equal to the tree that was appended). deltatar and "
+        "the floor: median of the runs listed; peers: one run.",
         "",
         *_header_row(
             [
@@ -284,17 +414,17 @@ def _restore_table(restore: dict[str, Any]) -> str:
             ]
         ),
     ]
-    for stage in ("before_compact", "after_compact"):
+    stages = [
+        ("before_compact", "deltatar materialize"),
+        ("after_compact", "deltatar materialize after compact"),
+        ("floor", "floor: zstd -dc \\| tar -x"),
+    ]
+    for stage, label in stages:
         for visit, outcome in restore.get(stage, {}).items():
-            label = "materialize" + (
-                " after compact" if stage == "after_compact" else ""
-            )
             lines.append(_restore_line(label, visit, outcome))
-    if "floor" in restore:
-        floor = restore["floor"]
-        lines.append(
-            _restore_line("floor: zstd -dc \\| tar -x", floor.get("visit"), floor)
-        )
+    for tool, outcomes in restore.get("peers", {}).items():
+        for visit, outcome in outcomes.items():
+            lines.append(_restore_line(tool, visit, outcome))
     compact = restore.get("compact", {})
     if "error" in compact:
         lines += ["", f"compact failed: `{compact['error'].splitlines()[0]}`"]
@@ -309,8 +439,10 @@ def _restore_table(restore: dict[str, Any]) -> str:
 
 def _restore_line(label: str, visit: Any, outcome: dict[str, Any]) -> str:
     if "error" in outcome:
-        first = outcome["error"].splitlines()[0]
-        return f"| {label} | {visit} | failed: `{first}` | | | | |"
+        # The first line names the command; the tool's own complaint follows.
+        lines = outcome["error"].splitlines()
+        reason = lines[1] if len(lines) > 1 else lines[0]
+        return f"| {label} | {visit} | failed: `{reason}` | | | | |"
     exact = (
         "yes" if outcome["exact"] else f"**no** ({outcome['content_difference_count']})"
     )
@@ -368,7 +500,7 @@ def _row(cells: list[str]) -> str:
 
 
 def _plots(results: dict[str, Any], directory: Path) -> dict[str, str]:
-    """One PNG per workload: store size (log scale) and append time per visit."""
+    """One PNG per workload: store size, append time and restore time."""
     try:
         import matplotlib
 
@@ -379,7 +511,7 @@ def _plots(results: dict[str, Any], directory: Path) -> dict[str, str]:
     directory.mkdir(parents=True, exist_ok=True)
     made = {}
     for name, data in results["workloads"].items():
-        figure = _figure(pyplot, name, data["visits"])
+        figure = _figure(pyplot, name, data)
         path = directory / f"{name}.png"
         figure.savefig(path, dpi=110)
         pyplot.close(figure)
@@ -387,14 +519,18 @@ def _plots(results: dict[str, Any], directory: Path) -> dict[str, str]:
     return made
 
 
-def _figure(pyplot, name: str, rows: list[dict[str, Any]]):
+def _figure(pyplot, name: str, data: dict[str, Any]):
+    """Store size (log) and append time per visit, restore time by visit."""
     from matplotlib import ticker
 
-    figure, (sizes, times) = pyplot.subplots(1, 2, figsize=(12, 4.5))
+    rows = data["visits"]
+    figure, (sizes, times, restores) = pyplot.subplots(1, 3, figsize=(17, 4.8))
     visits = [row["visit"] for row in rows]
-    sizes.plot(
-        visits, [b / 2**20 for b in cumulative_ideal(rows)], "k--", label="ideal"
-    )
+    ideal = cumulative_ideal(rows)
+    if ideal[-1] is not None:
+        sizes.plot(visits, [b / 2**20 for b in ideal], "k--", label="ideal")
+    floors = [row["floor"]["floor_seconds"] for row in rows]
+    times.plot(visits, floors, "k--", label="floor")
 
     for tool in ("deltatar", *PEERS):
         points = [
@@ -410,6 +546,7 @@ def _figure(pyplot, name: str, rows: list[dict[str, Any]]):
         )
         times.plot(xs, [o["seconds"] for _, o in points], marker=".", label=tool)
 
+    _restore_bars(restores, data.get("restore") or {})
     for axes in (sizes, times):
         axes.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
     sizes.set(
@@ -418,8 +555,39 @@ def _figure(pyplot, name: str, rows: list[dict[str, Any]]):
         ylabel="store MiB (log)",
         title=f"{name}: store size",
     )
-    times.set(xlabel="visit", ylabel="seconds", title=f"{name}: append time")
-    sizes.legend(fontsize="small")
-    times.legend(fontsize="small")
+    times.set(
+        yscale="log",
+        xlabel="visit",
+        ylabel="seconds (log)",
+        title=f"{name}: append time",
+    )
+    for axes in (sizes, times, restores):
+        axes.legend(fontsize="small")
     figure.tight_layout()
     return figure
+
+
+def _restore_bars(axes, restore: dict[str, Any]) -> None:
+    """One group of bars per restored visit, one bar per tool."""
+    series = {
+        "deltatar": restore.get("before_compact") or {},
+        "deltatar compacted": restore.get("after_compact") or {},
+        "floor": restore.get("floor") or {},
+        **(restore.get("peers") or {}),
+    }
+    visits = sorted({int(visit) for outcomes in series.values() for visit in outcomes})
+    width = 0.8 / max(1, len(series))
+    for index, (label, outcomes) in enumerate(series.items()):
+        xs, ys = [], []
+        for position, visit in enumerate(visits):
+            outcome = outcomes.get(visit, outcomes.get(str(visit), {}))
+            if outcome and "error" not in outcome:
+                xs.append(position + index * width)
+                ys.append(outcome["seconds"])
+        if xs:
+            axes.bar(xs, ys, width, label=label)
+    axes.set_xticks(
+        [position + 0.4 - width / 2 for position in range(len(visits))],
+        [f"visit {visit}" for visit in visits],
+    )
+    axes.set(yscale="log", ylabel="seconds (log)", title="restore time by visit")

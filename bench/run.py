@@ -1,11 +1,16 @@
 """Run the benchmark: replay each workload, record it with every tool, report.
 
 For each workload the tree is rebuilt from visit 1 in a scratch directory.
-After each visit the ideal price is computed and deltatar and every peer
-record the tree into their own stores; one line per visit shows how they
-compare.  After the last visit the restores are timed.  Everything measured
-goes to ``results.json``; ``bench.report`` turns it into ``RESULTS.md`` and
-the plots.
+After each visit the floors (``bench.limits``) and the ideal price are
+computed and deltatar and every peer record the tree into their own stores;
+one line per visit shows how they compare.  After the last visit deltatar's
+start-up is timed and every tool restores the first, a middle and the last
+visit.  Everything measured goes to ``results.json``; ``bench.report`` turns
+it into ``RESULTS.md`` and the plots.
+
+Three sizes: ``--quick`` (a couple of minutes), the default, and ``--large``
+(generic scaled past 200,000 files and several GB, which checks the disk
+first).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import os
 import platform
 import random
 import shlex
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -29,35 +35,61 @@ if __package__ in (None, ""):
 
 from bench import report
 from bench.ideal import IdealTracker
+from bench.limits import FloorTracker
 from bench.measure import (
     ToolFailed,
     copy_tree,
     disk_bytes,
     gnu_time_available,
     output_of,
+    run,
 )
+from bench.releases import RELEASES, ReleaseDownloadFailed
 from bench.restore import measure_restores
 from bench.targets import cumulative_ideal, final_numbers, store_after
-from bench.tools import ALL_TOOLS, TOOL_NAMES, Deltatar, FullArchives, Tool
+from bench.tools import ALL_TOOLS, TOOL_NAMES, Deltatar, Tool
 from bench.workloads import REPO_ROOT, Workload, discover
 
 BENCH_DIR = REPO_ROOT / "bench"
-QUICK = {"scale": 0.1, "visits": 10}
-FULL = {"scale": 1.0, "visits": 20}
+SIZES = {
+    "quick": {"scale": 0.1, "visits": 6, "releases": 4, "ideal": True, "repeats": 1},
+    "default": {
+        "scale": 1.0,
+        "visits": 50,
+        "releases": 12,
+        "ideal": True,
+        "repeats": 3,
+    },
+    # generic grows by about 1,230 files and 20 MiB per unit of scale, so
+    # scale 170 starts near 209,000 files and 3.4 GiB.
+    "large": {
+        "scale": 170.0,
+        "visits": 5,
+        "releases": 12,
+        "ideal": False,
+        "repeats": 1,
+    },
+}
+LARGE_WORKLOADS = ["generic"]
+# Bytes of generic's first visit at scale 1, and how many trees' worth of disk
+# a run needs at most: the tree, three kept copies, and every store.
+GENERIC_BYTES_PER_SCALE = 20 * 2**20
+DISK_FACTOR = 10
 
 
 def main(argv: list[str] | None = None) -> int:
     options = _parse(argv)
     if options.report_only:
         results = json.loads((options.out / "results.json").read_text())
-        for data in results["workloads"].values():
+        for name, data in results["workloads"].items():
+            data.setdefault("name", name)
             # Judged again, so a change to the targets shows without a rerun.
-            data["final"] = final_numbers(data["visits"], list(results["tools"]))
+            data["final"] = final_numbers(data, list(results["tools"]))
         report.write(results, options.report)
         print(f"report: {options.report} (from {options.out / 'results.json'})")
         return 0
 
-    workloads, notes = discover()
+    workloads, notes = discover(options.cache, RELEASES[-options.releases :])
     chosen = _choose(workloads, options.workload, notes)
     tools = _tool_table(options.tool, notes)
     for note in notes:
@@ -66,6 +98,11 @@ def main(argv: list[str] | None = None) -> int:
         print("nothing to run: no workload was available", file=sys.stderr)
         return 2
 
+    problem = _disk_problem(options, chosen)
+    if problem:
+        print(problem, file=sys.stderr)
+        return 1
+
     results = _header(options, tools, notes)
     options.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(
@@ -73,9 +110,13 @@ def main(argv: list[str] | None = None) -> int:
     ) as work:
         for workload in chosen:
             scratch = Path(work) / workload.name
-            results["workloads"][workload.name] = _run_workload(
-                workload, options, tools, scratch
-            )
+            try:
+                data = _run_workload(workload, options, tools, scratch)
+            except ReleaseDownloadFailed as error:
+                results["notes"].append(f"workload {workload.name} skipped: {error}")
+                print(f"note: {results['notes'][-1]}", flush=True)
+                continue
+            results["workloads"][workload.name] = data
             _save(results, options.out)
 
     report.write(results, options.report)
@@ -87,12 +128,17 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="scripts/bench", description="Size and speed benchmark of deltatar."
     )
-    parser.add_argument(
-        "--quick",
-        action="store_true",
-        help=f"scale {QUICK['scale']}, {QUICK['visits']} visits "
-        f"(default: scale {FULL['scale']}, {FULL['visits']} visits)",
-    )
+    size = parser.add_mutually_exclusive_group()
+    for name in ("quick", "large"):
+        preset = SIZES[name]
+        size.add_argument(
+            f"--{name}",
+            dest="size",
+            action="store_const",
+            const=name,
+            help=f"scale {preset['scale']}, {preset['visits']} visits, "
+            f"{preset['releases']} releases",
+        )
     parser.add_argument(
         "--workload",
         action="append",
@@ -110,7 +156,23 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--visits", type=int, help="override the number of visits")
     parser.add_argument("--scale", type=float, help="override the workload scale")
+    parser.add_argument(
+        "--releases", type=int, help="how many of the latest releases to replay"
+    )
+    parser.add_argument(
+        "--no-ideal",
+        dest="ideal",
+        action="store_false",
+        default=None,
+        help="skip the ideal price (it holds every tree in memory)",
+    )
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument(
+        "--cache",
+        type=Path,
+        default=BENCH_DIR / "cache",
+        help="where downloaded releases are kept (default: bench/cache)",
+    )
     parser.add_argument(
         "--out",
         type=Path,
@@ -136,9 +198,15 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     )
     options = parser.parse_args(argv)
 
-    preset = QUICK if options.quick else FULL
+    options.size = options.size or "default"
+    preset = SIZES[options.size]
     options.visits = options.visits or preset["visits"]
     options.scale = options.scale or preset["scale"]
+    options.releases = min(options.releases or preset["releases"], len(RELEASES))
+    options.ideal = preset["ideal"] if options.ideal is None else options.ideal
+    options.repeats = preset["repeats"]
+    if options.size == "large" and not options.workload:
+        options.workload = list(LARGE_WORKLOADS)
     options.command = os.environ.get("BENCH_COMMAND") or shlex.join(
         ["python", "-m", "bench.run", *(sys.argv[1:] if argv is None else argv)]
     )
@@ -188,14 +256,34 @@ def _header(options, tools: dict[str, Any], notes: list[str]) -> dict[str, Any]:
         "machine": _machine(),
         "revision": _revision(),
         "options": {
+            "size": options.size,
             "visits": options.visits,
             "scale": options.scale,
+            "releases": options.releases,
+            "ideal": options.ideal,
+            "restore_repeats": options.repeats,
             "seed": options.seed,
         },
         "tools": tools,
         "notes": notes,
         "workloads": {},
     }
+
+
+def _disk_problem(options, chosen: list[Workload]) -> str | None:
+    """Why the chosen run would not fit on the scratch disk, or None."""
+    generated = [w for w in chosen if w.max_visits is None]
+    if not generated:
+        return None
+    scratch = options.scratch or Path(tempfile.gettempdir())
+    needed = DISK_FACTOR * GENERIC_BYTES_PER_SCALE * options.scale
+    free = shutil.disk_usage(scratch).free
+    if free >= needed:
+        return None
+    return (
+        f"not enough disk under {scratch}: scale {options.scale} needs about "
+        f"{needed / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free (use --scratch)"
+    )
 
 
 def _machine() -> dict[str, Any]:
@@ -232,35 +320,65 @@ def _run_workload(
     workload: Workload, options, table: dict[str, Any], scratch: Path
 ) -> dict[str, Any]:
     tree = scratch / "tree"
+    visits = min(options.visits, workload.max_visits or options.visits)
     tools = [cls(scratch) for cls in ALL_TOOLS if _runnable(table[cls.name])]
-    ideal, rng = IdealTracker(), random.Random(options.seed)
-    kept_visits = {1, max(1, options.visits // 2), options.visits}
+    active = list(tools)
+    ideal = IdealTracker() if options.ideal else None
+    floors, rng = FloorTracker(), random.Random(options.seed)
+    kept_visits = {1, max(1, (visits + 1) // 2), visits}
     copies: dict[int, Path] = {}
     rows: list[dict[str, Any]] = []
-    print(
-        f"== {workload.name}: {options.visits} visits at scale {options.scale}",
-        flush=True,
-    )
+    print(f"== {workload.name}: {visits} visits at scale {options.scale}", flush=True)
 
-    for visit in range(1, options.visits + 1):
+    for visit in range(1, visits + 1):
         workload.apply_visit(tree, visit, rng, options.scale)
         row = {"visit": visit, "tree_bytes": disk_bytes(tree)}
-        row["ideal"] = ideal.add_visit(tree).as_dict()
-        row["tools"] = {tool.name: _append(tool, tree, visit) for tool in tools}
-        tools = [tool for tool in tools if "error" not in row["tools"][tool.name]]
+        row["floor"] = floors.measure(tree)
+        row["ideal"] = ideal.add_visit(tree).as_dict() if ideal else None
+        row["tools"] = {tool.name: _append(tool, tree, visit) for tool in active}
+        active = [tool for tool in active if "error" not in row["tools"][tool.name]]
         if visit in kept_visits:
             copies[visit] = scratch / "copies" / f"visit_{visit}"
             copy_tree(tree, copies[visit])
         rows.append(row)
         _print_row(workload.name, rows)
 
-    return {
-        "origin": workload.origin,
-        "visits": rows,
-        "restore": _restores(tools, copies, scratch),
-        "deltatar_log": _deltatar_log(tools),
-        "final": final_numbers(rows, list(table)),
-    }
+    data = {"name": workload.name, "origin": workload.origin, "visits": rows}
+    deltatar = next((tool for tool in active if isinstance(tool, Deltatar)), None)
+    if deltatar is None:
+        data["restore"] = {"error": "deltatar did not record every visit"}
+    else:
+        data["deltatar_log"] = _deltatar_log(deltatar)
+        data["startup"] = _startup(deltatar, tree, max(3, options.repeats))
+        print("   timing restores", flush=True)
+        data["restore"] = measure_restores(
+            tools, copies, scratch / "restores", options.repeats
+        )
+    shutil.rmtree(scratch, ignore_errors=True)
+    data["final"] = final_numbers(data, list(table))
+    return data
+
+
+def _startup(deltatar: Deltatar, tree: Path, repeats: int) -> dict[str, Any]:
+    """Seconds of ``--version`` and of an append that finds nothing changed."""
+    outcome = {}
+    for label, argv in (
+        ("version", deltatar.command("--version")),
+        (
+            "no_change_append",
+            deltatar.command("append", tree, "--store", deltatar.store),
+        ),
+    ):
+        try:
+            runs = [run(argv) for _ in range(repeats)]
+        except ToolFailed as error:
+            outcome[label] = {"error": str(error)}
+            continue
+        median = sorted(runs, key=lambda timed: timed.wall_seconds)[len(runs) // 2]
+        outcome[label] = median.summary() | {
+            "all_seconds": [round(timed.wall_seconds, 4) for timed in runs]
+        }
+    return outcome
 
 
 def _runnable(entry: dict[str, Any]) -> bool:
@@ -277,22 +395,8 @@ def _append(tool: Tool, tree: Path, visit: int) -> dict[str, Any]:
     return {"store_bytes": tool.store_bytes(), **timed.summary(), **tool.details(timed)}
 
 
-def _restores(
-    tools: list[Tool], copies: dict[int, Path], scratch: Path
-) -> dict[str, Any]:
-    deltatar = next((tool for tool in tools if isinstance(tool, Deltatar)), None)
-    if deltatar is None:
-        return {"error": "deltatar did not record every visit; restores not timed"}
-    full = next((tool for tool in tools if isinstance(tool, FullArchives)), None)
-    print("   timing restores", flush=True)
-    return measure_restores(deltatar, full, copies, scratch / "restores")
-
-
-def _deltatar_log(tools: list[Tool]) -> list[dict[str, Any]] | None:
+def _deltatar_log(deltatar: Deltatar) -> list[dict[str, Any]] | None:
     """The store's own account of each visit (kinds, stored-bytes breakdown)."""
-    deltatar = next((tool for tool in tools if isinstance(tool, Deltatar)), None)
-    if deltatar is None:
-        return None
     text = output_of(deltatar.command("log", "--store", deltatar.store, "--json"))
     try:
         return json.loads(text)["visits"]
@@ -306,15 +410,17 @@ def _print_row(workload: str, rows: list[dict[str, Any]]) -> None:
         f"{workload} visit {row['visit']:>2}:",
         f"tree {report.mib(row['tree_bytes'])}",
         f"ideal {report.mib(ideal)}",
+        f"floor {row['floor']['floor_seconds']:.2f}s",
     ]
     for name, outcome in row["tools"].items():
         size = store_after(row, name)
         if size is None:
-            parts.append(f"{name} FAILED")
+            stopped = outcome.get("error", "").startswith("stopped")
+            parts.append(f"{name} {'stopped' if stopped else 'FAILED'}")
             continue
         parts.append(f"{name} {report.mib(size)} ({outcome['seconds']:.2f}s)")
     store = store_after(row, "deltatar")
-    if store:
+    if store and ideal:
         parts.append(f"ratio {store / ideal:.3f}")
     print("  ".join(parts), flush=True)
 
