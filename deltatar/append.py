@@ -136,7 +136,7 @@ def _write_layer(
         entries,
         counts,
         len(tombstones),
-        departed_contents(previous, entries),
+        _departed(previous, entries),
         racy_window(result.found),
     )
     # Release the walk and the previous visit's entries before the manifest
@@ -145,6 +145,20 @@ def _write_layer(
     if previous is not None:
         previous.entries = []
     return written
+
+
+def _departed(
+    previous: Manifest | None, entries: list[Entry]
+) -> dict[str, StoredContent]:
+    """Contents that left the tree at this visit.
+
+    A visit that changed nothing shares every entry with the previous one, so
+    nothing left and the previous visit's content index need not be built.
+    """
+    if previous is not None and len(entries) == len(previous.entries):
+        if all(new is old for new, old in zip(entries, previous.entries, strict=True)):
+            return {}
+    return departed_contents(previous, entries)
 
 
 def _printable(message: str) -> str:
