@@ -26,6 +26,7 @@ from .manifest import FILE, Entry, Manifest, StoredContent, departed_contents
 from .nested import find_nested_archives, suggested_pattern
 from .scan import (
     COARSE_RACY_WINDOW_NS,
+    FINE_RACY_WINDOW_NS,
     Found,
     exclusion_spec,
     is_racy,
@@ -37,7 +38,6 @@ from .scan import (
 logger = logging.getLogger(__name__)
 
 READ_ATTEMPTS = 3
-RECENT_WRITE_NS = 1_000_000_000
 # Called as (files done, files in all, bytes done, bytes in all).
 Progress = Callable[[int, int, int, int], None]
 
@@ -136,7 +136,7 @@ def _write_layer(
         entries,
         counts,
         len(tombstones),
-        departed_contents(previous, entries),
+        _departed(previous, entries),
         racy_window(result.found),
     )
     # Release the walk and the previous visit's entries before the manifest
@@ -145,6 +145,20 @@ def _write_layer(
     if previous is not None:
         previous.entries = []
     return written
+
+
+def _departed(
+    previous: Manifest | None, entries: list[Entry]
+) -> dict[str, StoredContent]:
+    """Contents that left the tree at this visit.
+
+    A visit that changed nothing shares every entry with the previous one, so
+    nothing left and the previous visit's content index need not be built.
+    """
+    if previous is not None and len(entries) == len(previous.entries):
+        if all(new is old for new, old in zip(entries, previous.entries, strict=True)):
+            return {}
+    return departed_contents(previous, entries)
 
 
 def _printable(message: str) -> str:
@@ -212,7 +226,7 @@ def _builder(store, head, previous: Manifest | None, layer_name: str) -> LayerBu
         staging, settings.level, settings.thread_count(), store.location
     )
     is_base = previous is None
-    index = {} if is_base else store.content_index(head, previous)
+    index = {} if is_base else (lambda: store.content_index(head, previous))
     source = ContentSource(store.backend)
     return LayerBuilder(writer, layer_name, is_base, index, source, settings)
 
@@ -385,6 +399,7 @@ def _store_stable_copy(
     except PermissionError:
         fd = os.open(path, flags & ~getattr(os, "O_NOATIME", 0))
     try:
+        read_started = time.time_ns()
         before = os.fstat(fd)
         if not stat.S_ISREG(before.st_mode):
             raise FileNotFoundError(path)
@@ -396,7 +411,9 @@ def _store_stable_copy(
         data = _read_all(fd, before.st_size)
         if len(data) != before.st_size or not _unchanged(before, os.fstat(fd)):
             return False
-        if _written_lately(before) and _read_all(fd, before.st_size, 0) != data:
+        if _written_lately(before, read_started) and (
+            _read_all(fd, before.st_size, 0) != data
+        ):
             return False
         builder.store_small(entry, data, old)
         return True
@@ -420,15 +437,24 @@ def _unchanged(before: os.stat_result, after: os.stat_result) -> bool:
     )
 
 
-def _written_lately(info: os.stat_result) -> bool:
+def _written_lately(info: os.stat_result, read_started_ns: int) -> bool:
     """True when a write may have landed in the same clock tick as our read.
 
     Timestamps come from the kernel's coarse clock, so writes during the read
     can leave mtime and ctime unchanged; such a file is read twice and kept
-    only if both reads agree.
+    only if both reads agree.  A write after the tick of the file's newest
+    timestamp would show in the stat after the read, so only files written
+    within the racy window are at risk: its narrow width (many clock ticks)
+    where the file has sub-second timestamps, its wide one where they are
+    whole seconds.  A file written just before an append is then read once
+    as soon as the window has passed, not for a whole second after.  The
+    window is counted back from before the read began, so a slow read cannot
+    hide a write made in its first moments.
     """
     newest = max(info.st_mtime_ns, info.st_ctime_ns)
-    return newest >= time.time_ns() - RECENT_WRITE_NS
+    fine = info.st_mtime_ns % 1_000_000_000 or info.st_ctime_ns % 1_000_000_000
+    window = FINE_RACY_WINDOW_NS if fine else COARSE_RACY_WINDOW_NS
+    return newest >= read_started_ns - window
 
 
 def _read_all(fd: int, size: int, offset: int | None = None) -> bytes:

@@ -22,7 +22,6 @@ import json
 import logging
 import os
 import secrets
-import socket
 import sys
 import time
 from collections.abc import Iterator
@@ -289,7 +288,7 @@ def _acquire(fd: int, path: Path, timeout: float, location: str) -> None:
 def _write_holder(fd: int, purpose: str) -> None:
     holder = {
         "pid": os.getpid(),
-        "host": socket.gethostname(),
+        "host": os.uname().nodename,  # gethostname(), without importing socket
         "purpose": purpose,
         "since": time.time(),
     }

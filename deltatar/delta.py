@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import os
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -108,17 +108,29 @@ class LayerBuilder:
         writer: LayerWriter,
         layer_name: str,
         is_base: bool,
-        index: dict[str, StoredContent],
+        index: dict[str, StoredContent] | Callable[[], dict[str, StoredContent]],
         source: ContentSource,
         settings: Settings,
     ) -> None:
         self.writer = writer
         self.layer_name = layer_name
         self.is_base = is_base
-        self.index = index
+        self._index = index if isinstance(index, dict) else None
+        self._load_index = None if isinstance(index, dict) else index
         self.source = source
         self.settings = settings
         self.tally = Tally()
+
+    @property
+    def index(self) -> dict[str, StoredContent]:
+        """Every content the store holds, loaded when first needed.
+
+        Reading it means reading the contents list of every visit, which a
+        visit that stores no content (nothing changed) can skip.
+        """
+        if self._index is None:
+            self._index = self._load_index()
+        return self._index
 
     # -- entries without content -------------------------------------------
 

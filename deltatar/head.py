@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import xxhash
@@ -188,11 +188,13 @@ def encode(head: Head) -> bytes:
     retains = any(record.retained_layers for record in head.visits)
     version = HEAD_VERSION if retains else 1
     document: dict[str, Any] = {"format": "deltatar-head", "version": version}
-    document.update(asdict(head))
-    if not retains:
-        for item in document["visits"]:
-            for key in RETAINED_FIELDS:
-                del item[key]
+    document.update(
+        generation=head.generation,
+        next_visit=head.next_visit,
+        visits=[_record_document(record, retains) for record in head.visits],
+        garbage=list(head.garbage),
+        garbage_times=dict(head.garbage_times),
+    )
     if not head.garbage_times:
         # Written only when there is garbage, so heads of format 1 readers
         # that predate the field look exactly as they always did.
@@ -201,12 +203,31 @@ def encode(head: Head) -> bytes:
     return json.dumps(document, indent=1).encode()
 
 
+def _record_document(record: VisitRecord, retains: bool) -> dict[str, Any]:
+    """One record as a plain dict, in field order.
+
+    Built by hand rather than with ``dataclasses.asdict``, whose deep copies
+    made writing the head cost more than the rest of a small append.
+    """
+    names = _RECORD_FIELDS if retains else _RECORD_FIELDS_V1
+    document = {name: getattr(record, name) for name in names}
+    document["stored"] = dict(record.stored)
+    if retains:
+        document["retained_layers"] = list(record.retained_layers)
+    return document
+
+
 def _checksum(document: dict[str, Any]) -> str:
     """xxh3-128 of the head's canonical JSON without its own checksum field."""
     body = {key: value for key, value in document.items() if key != "checksum"}
     canonical = json.dumps(body, sort_keys=True, separators=(",", ":"))
     return xxhash.xxh3_128_hexdigest(canonical.encode())
 
+
+_RECORD_FIELDS = tuple(item.name for item in fields(VisitRecord))
+_RECORD_FIELDS_V1 = tuple(
+    name for name in _RECORD_FIELDS if name not in RETAINED_FIELDS
+)
 
 OBJECT_NAME = re.compile(r"(layers|manifests|contents)/[A-Za-z0-9][A-Za-z0-9._-]*")
 

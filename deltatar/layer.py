@@ -33,6 +33,8 @@ from .backend import Backend, no_space_guard
 from .errors import CorruptStore
 
 FRAME_SIZE = 2 * 1024 * 1024
+# Frames smaller than this are compressed on the calling thread.
+INLINE_FRAME_SIZE = 128 * 1024
 FAST_LEVEL = -3
 BLOCK = tarfile.BLOCKSIZE
 
@@ -166,7 +168,13 @@ class LayerWriter:
             pyzstd.CParameter.compressionLevel: self._buffer_level,
             pyzstd.CParameter.checksumFlag: 1,
         }
-        future = self._pool.submit(pyzstd.compress, raw, options)
+        if len(raw) < INLINE_FRAME_SIZE:
+            # A small frame compresses faster than a worker thread wakes up;
+            # a layer of a few changed files then starts no thread at all.
+            future: Future[bytes] = Future()
+            future.set_result(pyzstd.compress(raw, options))
+        else:
+            future = self._pool.submit(pyzstd.compress, raw, options)
         self._pending.append((future, len(raw)))
         self._drain(self._max_pending)
 

@@ -14,9 +14,7 @@ import os
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
-
-import pathspec
+from typing import TYPE_CHECKING, NamedTuple
 
 from .errors import SourceError
 from .manifest import (
@@ -28,6 +26,9 @@ from .manifest import (
     SYMLINK,
     Entry,
 )
+
+if TYPE_CHECKING:
+    import pathspec
 
 logger = logging.getLogger(__name__)
 
@@ -92,19 +93,27 @@ class ScanResult:
     skipped_stores: list[str] = field(default_factory=list)
 
 
-def exclusion_spec(src: Path, patterns: list[str]) -> pathspec.PathSpec:
-    """Combine ``--exclude`` patterns with the source's ``.deltatarignore``."""
+def exclusion_spec(src: Path, patterns: list[str]) -> pathspec.PathSpec | None:
+    """Combine ``--exclude`` patterns with the source's ``.deltatarignore``.
+
+    None when there is nothing to exclude: the walk then matches no paths,
+    and a small append does not pay for importing ``pathspec``.
+    """
     lines = list(patterns)
     ignore_file = src / IGNORE_FILE
     if ignore_file.is_file():
         lines += ignore_file.read_text(errors="surrogateescape").splitlines()
+    if not lines:
+        return None
+    import pathspec
+
     return pathspec.GitIgnoreSpec.from_lines(lines)
 
 
 def scan(
     src: Path,
     own_store: Path | None,
-    excluded: pathspec.PathSpec,
+    excluded: pathspec.PathSpec | None,
     strict: bool = False,
 ) -> ScanResult:
     """Walk ``src`` and return every entry to record, sorted by path bytes."""
@@ -114,7 +123,7 @@ def scan(
     while stack:
         relative_dir = stack.pop()
         for found in _list_directory(src, relative_dir, result, strict):
-            if excluded.match_file(_pattern_path(found)):
+            if excluded is not None and excluded.match_file(_pattern_path(found)):
                 continue
             if found.type == DIRECTORY and _is_store(src, found, own_identity, result):
                 continue
@@ -199,16 +208,18 @@ def _examine(
     return Found(relative, kind, Stat.of(info), target)
 
 
+_KINDS = {
+    stat.S_IFREG: FILE,
+    stat.S_IFDIR: DIRECTORY,
+    stat.S_IFLNK: SYMLINK,
+    stat.S_IFIFO: FIFO,
+    stat.S_IFCHR: CHAR_DEVICE,
+    stat.S_IFBLK: BLOCK_DEVICE,
+}
+
+
 def _kind(mode: int) -> str | None:
-    kinds = {
-        stat.S_IFREG: FILE,
-        stat.S_IFDIR: DIRECTORY,
-        stat.S_IFLNK: SYMLINK,
-        stat.S_IFIFO: FIFO,
-        stat.S_IFCHR: CHAR_DEVICE,
-        stat.S_IFBLK: BLOCK_DEVICE,
-    }
-    return kinds.get(stat.S_IFMT(mode))
+    return _KINDS.get(stat.S_IFMT(mode))
 
 
 def _pattern_path(found: Found) -> str:
