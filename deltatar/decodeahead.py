@@ -20,10 +20,10 @@ the file that needs it, exactly as reading it in place would.
 from __future__ import annotations
 
 import collections
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from .content import RAW, ContentSource
+from .content import PATCH, RAW, ContentSource
 from .layer import LayerReader
 from .manifest import Recipe
 
@@ -76,19 +76,27 @@ class DecodeAhead:
 
 
 def _plan(source: ContentSource, recipes: Iterable[Recipe | None]) -> list[Planned]:
-    """Every frame the raw pieces of ``recipes`` read, once, in reading order.
+    """Every frame ``recipes`` read, once, in reading order.
 
-    Patch pieces are rare and read their references in place.
+    A patch piece reads its own bytes and, before them, its reference's.
     """
     plan: list[Planned] = []
     seen: set[tuple[str, int]] = set()
     for number, recipe in enumerate(recipes, 1):
-        for piece in recipe or ():
-            if piece[0] != RAW:
-                continue
-            reader = source.reader(piece[1])
-            for index in reader.frames_of(piece[2], piece[3]):
-                if (piece[1], index) not in seen:
-                    seen.add((piece[1], index))
+        for layer, offset, length in _ranges(recipe or []):
+            reader = source.reader(layer)
+            for index in reader.frames_of(offset, length):
+                if (layer, index) not in seen:
+                    seen.add((layer, index))
                     plan.append((number, reader, index))
     return plan
+
+
+def _ranges(recipe: Recipe) -> Iterator[tuple[str, int, int]]:
+    """The layer ranges a recipe reads, in the order reading it does."""
+    for piece in recipe:
+        if piece[0] == RAW:
+            yield piece[1], piece[2], piece[3]
+        elif piece[0] == PATCH:
+            yield from _ranges(piece[5])
+            yield piece[1], piece[2], piece[3]
