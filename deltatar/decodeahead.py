@@ -48,6 +48,9 @@ class DecodeAhead:
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="deltatar-decode")
         self._depth = depth
 
+    # TODO: a file spanning more than ``depth`` frames has its later frames
+    # decoded in the reading thread; topping up as frames are consumed would
+    # keep the decoder ahead inside large files too.
     def ready(self, number: int) -> None:
         """Wait for the frames file ``number`` needs first; keep decoding ahead.
 
