@@ -23,6 +23,7 @@ from .errors import UsageError
 from .head import VisitRecord
 from .layer import LayerWriter
 from .manifest import FILE, Entry, Manifest, StoredContent, departed_contents
+from .memory import release_free_memory
 from .nested import find_nested_archives, suggested_pattern
 from .scan import (
     COARSE_RACY_WINDOW_NS,
@@ -139,11 +140,15 @@ def _write_layer(
         _departed(previous, entries),
         racy_window(result.found),
     )
-    # Release the walk and the previous visit's entries before the manifest
-    # is encoded: at 200,000 files each holds about 100 MiB.
+    # Release the walk, the previous visit's entries and the dedup index
+    # before the manifest is encoded: at 200,000 files the walk and the
+    # entries hold about 100 MiB each, the index about 25 MiB.
     result.found = []
+    builder.index = {}
     if previous is not None:
         previous.entries = []
+        previous.forget_content_index()
+    release_free_memory()
     return written
 
 

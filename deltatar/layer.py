@@ -259,6 +259,18 @@ class LayerReader:
             offset += len(piece)
             index += 1
 
+    def frames_of(self, offset: int, length: int) -> range:
+        """The indexes of the frames that hold ``[offset, offset + length)``.
+
+        A range outside the layer yields what lies inside it; reading it
+        is what reports the damage.
+        """
+        if length <= 0:
+            return range(0)
+        first = max(0, bisect.bisect_right(self._raw_offsets, offset) - 1)
+        last = bisect.bisect_left(self._raw_offsets, offset + length)
+        return range(min(first, self.frame_count), min(last, self.frame_count))
+
     def check_all_frames(self) -> None:
         """Decompress every frame once, so damage anywhere is found."""
         for index in range(self.frame_count):

@@ -23,6 +23,7 @@ import xxhash
 
 from .backend import no_space_guard
 from .content import ContentSource, hash_zeros, validate
+from .decodeahead import DecodeAhead
 from .errors import CorruptStore, UsageError
 from .filewriter import CREATE_FLAGS, FileWriter, set_metadata, write_all
 from .head import VisitRecord
@@ -264,18 +265,17 @@ def _write_tree(
     root = os.fspath(dest) + "/"
     directories = [entry for entry in entries if entry.type == DIRECTORY]
     for entry in directories:
-        _make_directory(dest / entry.path)
+        _make_directory(root + entry.path)
     files = [e for e in entries if e.type == FILE and e.hardlink_of is None]
     files.sort(key=_read_order)
     _write_files(source, root, files, record, progress)
     for entry in entries:
-        _write_other(dest, entry)
+        if entry.type != DIRECTORY and (entry.type != FILE or entry.hardlink_of):
+            _write_other(root, entry)
     for entry in reversed(directories):
-        _apply_metadata(dest / entry.path, entry)
+        _apply_metadata(root + entry.path, entry)
 
 
-# TODO: frames are decompressed in this thread one after another; decoding
-# the next frames ahead on the writer's threads would overlap that work too.
 def _write_files(
     source: ContentSource,
     root: str,
@@ -285,43 +285,58 @@ def _write_files(
 ) -> None:
     """Check each file's content in this thread; create files on the writer's.
 
-    Large files are streamed here instead, so memory stays bounded by the
-    writer's queue whatever the file sizes.
+    Frames are decompressed ahead on their own threads, so this thread
+    mostly hashes and hands over.  Large files are streamed here instead,
+    so memory stays bounded by the writer's queue whatever the file sizes.
     """
+    decoder = DecodeAhead(source, [entry.recipe for entry in files])
     writer = FileWriter(WRITER_THREADS)
     total_bytes = sum(entry.size for entry in files)
     done_bytes = 0
     try:
         for number, entry in enumerate(files, 1):
-            if entry.size > QUEUED_FILE_LIMIT:
-                _stream_file(source, root + entry.path, entry, record)
-            else:
-                parts = list(source.iter_pieces(entry.recipe or []))
-                _check_content(parts, entry, record)
-                writer.submit(
-                    root + entry.path,
-                    parts,
-                    entry.size,
-                    entry.mode,
-                    entry.mtime_ns,
-                    _owner(entry),
-                )
+            decoder.ready(number)
+            _write_file(source, writer, root, entry, record)
             done_bytes += entry.size
             if progress is not None:
                 progress(number, len(files), done_bytes, total_bytes)
     except BaseException:
+        decoder.close()
         writer.close()
         raise
+    decoder.close()
     writer.finish()
 
 
-def _make_directory(path: Path) -> None:
+def _write_file(
+    source: ContentSource,
+    writer: FileWriter,
+    root: str,
+    entry: Entry,
+    record: VisitRecord,
+) -> None:
+    if entry.size > QUEUED_FILE_LIMIT:
+        _stream_file(source, root + entry.path, entry, record)
+        return
+    parts = list(source.iter_pieces(entry.recipe or []))
+    _check_content(parts, entry, record)
+    writer.submit(
+        root + entry.path,
+        parts,
+        entry.size,
+        entry.mode,
+        entry.mtime_ns,
+        _owner(entry),
+    )
+
+
+def _make_directory(path: str) -> None:
     try:
         os.mkdir(path, 0o700)
     except FileExistsError:
         # Only a folder above a kept store exists already; anything else is not
         # a directory this materialize may reuse.
-        if path.is_symlink() or not path.is_dir():
+        if os.path.islink(path) or not os.path.isdir(path):
             raise
 
 
@@ -381,10 +396,11 @@ def _owner(entry: Entry) -> tuple[int, int] | None:
     return entry.uid, entry.gid
 
 
-def _write_other(dest: Path, entry: Entry) -> None:
-    path = dest / entry.path
+def _write_other(root: str, entry: Entry) -> None:
+    """Hard links, FIFOs, devices and symlinks, once every file exists."""
+    path = root + entry.path
     if entry.type == FILE and entry.hardlink_of is not None:
-        os.link(dest / entry.hardlink_of, path, follow_symlinks=False)
+        os.link(root + entry.hardlink_of, path, follow_symlinks=False)
     elif entry.type == FIFO:
         os.mkfifo(path, 0o600)
         _apply_metadata(path, entry)
@@ -397,7 +413,7 @@ def _write_other(dest: Path, entry: Entry) -> None:
         _apply_metadata(path, entry)
 
 
-def _apply_metadata(path: Path, entry: Entry) -> None:
+def _apply_metadata(path: str, entry: Entry) -> None:
     is_link = entry.type == SYMLINK
     if entry.uid is not None and entry.gid is not None and os.geteuid() == 0:
         os.chown(path, entry.uid, entry.gid, follow_symlinks=False)
