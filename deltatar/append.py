@@ -144,7 +144,7 @@ def _write_layer(
     # before the manifest is encoded: at 200,000 files the walk and the
     # entries hold about 100 MiB each, the index about 25 MiB.
     result.found = []
-    builder.index = {}
+    builder.forget_index()
     if previous is not None:
         previous.entries = []
         previous.forget_content_index()

@@ -132,6 +132,10 @@ class LayerBuilder:
             self._index = self._load_index()
         return self._index
 
+    def forget_index(self) -> None:
+        """Drop the index once nothing more is stored, to free its memory."""
+        self._index = {}
+
     # -- entries without content -------------------------------------------
 
     def add_metadata_member(self, entry: Entry) -> None:
