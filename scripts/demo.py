@@ -45,14 +45,14 @@ EARLY_VISIT = 2
 ZSTD_LEVEL = 3
 
 CAPTION = """\
-stored / store total: bytes_stored and store_bytes from `deltatar append --json`
+stored / store: bytes_stored and store_bytes from `deltatar append --json`
 naive full: tar | zstd -3 of the whole tree at every visit, summed
 naive nested: every archive stays in the node dir, so archive N = zstd(tree N)
   + all earlier archives; the column sums all archives on disk (a lower bound,
   tar headers not counted)"""
 
-# Piped output would otherwise be cut to 80 columns and the table would wrap.
-console = Console(width=None if sys.stdout.isatty() else 120)
+# The table fits 80 columns; piped output keeps that width too.
+console = Console(width=None if sys.stdout.isatty() else 80)
 progress = Console(stderr=True)
 
 
@@ -344,17 +344,24 @@ def _print_table(rows: list[VisitRow], args: argparse.Namespace) -> None:
         f"deltatar on a simulated pipeline node: {args.visits} visits, "
         f"scale {args.scale}, seed {args.seed}"
     )
+    # Short headers and no outer padding keep the table within 80 columns;
+    # the caption says what each column means.
     table = Table(
-        title=title, caption=CAPTION, caption_justify="left", box=box.SIMPLE_HEAD
+        title=title,
+        caption=CAPTION,
+        caption_justify="left",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+        collapse_padding=True,
     )
     headers = (
         "visit",
-        "tree size",
-        "entries\nadded ~changed -deleted",
-        "stored\nthis visit",
-        "store\ntotal",
-        "naive full\n(cumulative)",
-        "naive nested\n(cumulative)",
+        "tree",
+        "+add ~chg -del",
+        "stored",
+        "store",
+        "naive full",
+        "naive nested",
     )
     for header in headers:
         table.add_column(header, justify="right", no_wrap=True)
