@@ -9,6 +9,7 @@ reports.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import sys
@@ -361,7 +362,13 @@ def stdout_console():
     return Console(soft_wrap=False)
 
 
+@functools.cache
 def stderr_console():
+    """One console for stderr, shared by logs and progress bars.
+
+    Sharing it lets rich print a log line above a live bar instead of
+    gluing it onto the bar's line.
+    """
     from rich.console import Console
 
     return Console(stderr=True, soft_wrap=True)
