@@ -74,8 +74,11 @@ UPLOAD_CONCURRENCY = 4
 UPLOAD_ATTEMPTS = 4
 GARBAGE_GRACE_SECONDS = 6 * 3600.0
 GRACE_VARIABLE = "DELTATAR_GARBAGE_GRACE"
-RETRIES = 5
-RETRY_SECONDS = 30
+# Transient errors are retried for long enough to ride out a server restart
+# of 20 s or so: at least RETRIES waits of BACKOFF_SECONDS[0] each.
+RETRIES = 20
+RETRY_SECONDS = 60
+BACKOFF_SECONDS = (1.0, 4.0)
 
 
 def open_backend(url: str) -> ObjectStoreBackend:
@@ -114,8 +117,8 @@ def _retry_config() -> dict[str, Any]:
         "max_retries": RETRIES,
         "retry_timeout": datetime.timedelta(seconds=RETRY_SECONDS),
         "backoff": {
-            "init_backoff": datetime.timedelta(milliseconds=200),
-            "max_backoff": datetime.timedelta(seconds=5),
+            "init_backoff": datetime.timedelta(seconds=BACKOFF_SECONDS[0]),
+            "max_backoff": datetime.timedelta(seconds=BACKOFF_SECONDS[1]),
             "base": 2,
         },
     }
@@ -169,20 +172,27 @@ class ObjectStoreBackend(Backend):
         """
         # TODO: a writer killed mid-upload leaves its parts on the server,
         # unlisted; only a bucket lifecycle rule removes them.
-        with contextlib.suppress(*MISSING):
-            obstore.head(self.store, name)
-            raise StoreChanged(f"{self.location}: object {name} already exists")
+        checked = False
         for attempt in range(UPLOAD_ATTEMPTS):
             try:
+                # The check is retried with the upload: a restarting server
+                # fails it as readily as a part.
+                checked = checked or self._refuse_existing(name)
                 self._upload_parts(name, local_path)
                 return
-            except BaseError as error:
+            except (BaseError, ConnectionError, TimeoutError) as error:
                 # A failed part aborts the whole upload (a server restart can
                 # also forget it); the next attempt starts afresh.
                 if attempt + 1 == UPLOAD_ATTEMPTS:
                     raise
                 logger.warning("upload of %s failed (%s); retrying", name, error)
                 time.sleep(2.0 * 2**attempt)
+
+    def _refuse_existing(self, name: str) -> bool:
+        with contextlib.suppress(*MISSING):
+            obstore.head(self.store, name)
+            raise StoreChanged(f"{self.location}: object {name} already exists")
+        return True
 
     def _upload_parts(self, name: str, local_path: Path) -> None:
         with open(local_path, "rb") as handle:

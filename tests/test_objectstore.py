@@ -448,6 +448,38 @@ def test_server_restarted_mid_append_loses_no_visit(tmp_path, monkeypatch):
         own.stop()
 
 
+@pytest.mark.slow
+def test_server_down_for_seconds_during_an_append_is_ridden_out(tmp_path, monkeypatch):
+    # The server is gone when the append starts and comes back five seconds
+    # (plus its start-up) later; every request must be retried for longer
+    # than that, so the append succeeds.
+    own = SeaweedServer(tmp_path / "own-server")
+    own.start()
+    try:
+        for key, value in own.env().items():
+            monkeypatch.setenv(key, value)
+        url = f"s3://{BUCKET}/outage"
+        src = tmp_path / "src"
+        src.mkdir()
+        write(src / "first.txt", b"first\n")
+        run_cli("append", src, "--store", url)
+
+        write(src / "second.bin", random_bytes(2 * MIB, 11))
+        own.stop()
+        writer = start("append", src, "--store", url)
+        time.sleep(5)
+        own.start()
+        result = finish(writer)
+
+        assert result.returncode == 0, describe_run(result, "append gave up")
+        log = run_json("log", "--store", url, "--json")["visits"]
+        assert [record["visit"] for record in log] == [1, 2]
+        assert_same_tree(src, _materialized(url, 2, tmp_path / "v2"))
+        run_cli("verify", "--store", url)
+    finally:
+        own.stop()
+
+
 def _materialized(url: str, visit: int, dest: Path) -> Path:
     run_cli("materialize", "--store", url, "--visit", str(visit), dest)
     return dest
