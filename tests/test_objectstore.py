@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -293,6 +294,36 @@ def test_a_held_lock_makes_a_writer_wait_then_name_the_holder(
     assert blocked.returncode == 1, describe_run(blocked, "append was not blocked")
     assert "locked by compact (held by the test)" in blocked.stderr
     run_cli("append", src, "--store", url)
+    assert len(run_json("log", "--store", url, "--json")["visits"]) == 2
+
+
+def test_a_live_holder_in_another_pid_namespace_is_not_judged_dead(
+    s3_env, tmp_path, request
+):
+    # Containers sharing a hostname: the holder's pid does not exist in the
+    # other namespace, yet the holder runs, so its lease must be waited for.
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.fail("this test needs root and unshare(1) to make a pid namespace")
+    url = store_url(request)
+    src = tmp_path / "src"
+    src.mkdir()
+    write(src / "a.txt", b"a\n")
+    run_cli("append", src, "--store", url)
+    write(src / "b.txt", b"b\n")
+    command = ["unshare", "-p", "-f", "--mount-proc"]
+    command += cli_command("append", src, "--store", url, "--lock-timeout", "2")
+
+    store = Store.open(url)
+    with store.backend.writer_lock(5, "compact (held by the test)"):
+        blocked = subprocess.run(
+            command, env=cli_env(), capture_output=True, text=True, check=False
+        )
+        assert blocked.returncode == 1, describe_run(blocked, "the lease was taken")
+        assert "locked by compact (held by the test)" in blocked.stderr
+
+    assert len(run_json("log", "--store", url, "--json")["visits"]) == 1
+    taken = subprocess.run(command, env=cli_env(), capture_output=True, text=True)
+    assert taken.returncode == 0, describe_run(taken, "append after release")
     assert len(run_json("log", "--store", url, "--json")["visits"]) == 2
 
 
