@@ -40,6 +40,7 @@ from .cache import ObjectCache
 from .errors import (
     CorruptStore,
     StoreChanged,
+    StoreNotFound,
     StoreNotWritable,
     StoreUnavailable,
     UsageError,
@@ -93,7 +94,19 @@ def open_backend(url: str) -> ObjectStoreBackend:
         raise UsageError(f"{url}: a store URL looks like s3://bucket/prefix")
     if parts.query or parts.fragment:
         raise UsageError(f"{url}: a store URL takes no query or fragment")
-    return ObjectStoreBackend(parts.netloc, parts.path.strip("/"))
+    prefix = parts.path.removeprefix("/").removesuffix("/")
+    # Refused rather than normalized: s3://b//x and s3://b/x would otherwise
+    # be two names of one store, and '..' has no meaning in a bucket.
+    if prefix and {"", ".", ".."} & set(prefix.split("/")):
+        raise UsageError(
+            f"{url}: a store URL's prefix takes no empty, '.' or '..' parts"
+        )
+    try:
+        return ObjectStoreBackend(parts.netloc, prefix)
+    except ValueError as error:
+        raise UsageError(
+            f"{url}: not a valid store URL ({_first_line(error)})"
+        ) from None
 
 
 def _client_config() -> tuple[dict[str, Any], dict[str, Any]]:
@@ -131,6 +144,7 @@ class ObjectStoreBackend(Backend):
 
     def __init__(self, bucket: str, prefix: str) -> None:
         config, options = _client_config()
+        self.bucket = bucket
         self.location = f"s3://{bucket}/{prefix}" if prefix else f"s3://{bucket}"
         self.store = S3Store(
             bucket,
@@ -256,13 +270,25 @@ class ObjectStoreBackend(Backend):
 
     def list(self, prefix: str) -> list[str]:
         names = []
-        with self._errors(prefix):
-            for batch in obstore.list(self.store, prefix):
-                for meta in batch:
-                    names.append(meta["path"])
-                    self._sizes[meta["path"]] = meta["size"]
-                    self._modified[meta["path"]] = meta["last_modified"]
+        with self._errors(prefix or "the listing of the store"):
+            try:
+                for batch in obstore.list(self.store, prefix):
+                    for meta in batch:
+                        names.append(meta["path"])
+                        self._sizes[meta["path"]] = meta["size"]
+                        self._modified[meta["path"]] = meta["last_modified"]
+            except BaseError as error:
+                self._refuse_missing_bucket(error)
+                raise
         return sorted(names)
+
+    def _refuse_missing_bucket(self, error: Exception) -> None:
+        """A listing of a missing bucket fails with a bare 404 (not NotFound)."""
+        if "404 Not Found" in str(error):
+            raise StoreNotFound(
+                f"{self.location}: bucket {self.bucket} does not exist "
+                "(the object store answered 404 to a listing); create it first"
+            ) from None
 
     def delete(self, name: str) -> None:
         with self._errors(name), contextlib.suppress(*MISSING):

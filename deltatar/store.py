@@ -302,7 +302,7 @@ class Store:
         try:
             return pyzstd.decompress(compressed)
         except pyzstd.ZstdError as error:
-            raise CorruptStore(f"{name}: damaged ({error})") from None
+            raise CorruptStore(f"{self.location}: {name}: damaged ({error})") from None
 
     # -- configuration -----------------------------------------------------------
 

@@ -432,7 +432,7 @@ def test_damaged_objects_are_found_by_verify(s3_env, tmp_path, request):
     obstore.put(raw, record["layer"], bytes(layer))
     damaged = run_cli("verify", "--store", url, check=False)
     assert damaged.returncode == 1, describe_run(damaged, "verify missed the damage")
-    assert record["layer"] in damaged.stdout + damaged.stderr
+    assert f"{url}: {record['layer']}" in damaged.stdout + damaged.stderr
 
     manifest = bytearray(obstore.get(raw, record["manifest"]).bytes())
     manifest[len(manifest) // 2] ^= 0xFF
@@ -440,6 +440,7 @@ def test_damaged_objects_are_found_by_verify(s3_env, tmp_path, request):
     damaged = run_cli("verify", "--store", url, check=False)
     assert damaged.returncode == 1
     assert "visit 1" in damaged.stdout + damaged.stderr
+    assert f"{url}: {record['manifest']}" in damaged.stdout + damaged.stderr
 
 
 @pytest.mark.slow
@@ -517,6 +518,34 @@ def _materialized(url: str, visit: int, dest: Path) -> Path:
 
 
 # ------------------------------------------------------------- usage
+
+
+@pytest.mark.parametrize("prefix", ["a/../b", "./dot", "/x", "a//b", "a/."])
+def test_prefix_with_empty_or_dot_parts_is_one_line(s3_env, tmp_path, prefix):
+    url = f"s3://{BUCKET}/{prefix}"
+    src = tmp_path / "src"
+    src.mkdir()
+    write(src / "a.txt", b"a\n")
+    for command in (("log",), ("append", src)):
+        result = run_cli(*command, "--store", url, check=False)
+        assert result.returncode in (1, 2), describe_run(result, "accepted")
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and "Traceback" not in result.stderr, lines
+        assert lines[0].startswith(f"deltatar: error: {url}: "), lines[0]
+
+
+def test_missing_bucket_is_named(s3_env, tmp_path):
+    url = "s3://no-such-bucket-here/store"
+    src = tmp_path / "src"
+    src.mkdir()
+    write(src / "a.txt", b"a\n")
+    result = run_cli("append", src, "--store", url, check=False)
+    assert result.returncode == 1, describe_run(result, "append succeeded")
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(f"deltatar: error: {url}: "), lines[0]
+    assert "bucket no-such-bucket-here" in lines[0], lines[0]
+    assert "failed on  (" not in lines[0]
 
 
 def test_unknown_scheme_is_a_one_line_error(tmp_path):
