@@ -225,6 +225,9 @@ class LayerReader:
 
     def __init__(self, backend: Backend, name: str, cache: FrameCache) -> None:
         self.backend = backend
+        # Damage is reported with the store's location: the object name alone
+        # does not say which store (or bucket) holds it.
+        self.where = f"{backend.location}: {name}"
         self.name = name
         self.cache = cache
         self._stored_offsets: list[int] = []
@@ -246,7 +249,7 @@ class LayerReader:
         """Yield the bytes of ``[offset, offset + length)`` frame by frame."""
         if offset < 0 or length < 0 or offset + length > self.raw_size:
             raise CorruptStore(
-                f"{self.name}: range {offset}+{length} lies outside the layer "
+                f"{self.where}: range {offset}+{length} lies outside the layer "
                 f"({self.raw_size} bytes)"
             )
         end = offset + length
@@ -289,11 +292,11 @@ class LayerReader:
             frame = pyzstd.decompress(compressed)
         except pyzstd.ZstdError as error:
             raise CorruptStore(
-                f"{self.name}: frame {index} is damaged ({error})"
+                f"{self.where}: frame {index} is damaged ({error})"
             ) from None
         if len(frame) != raw_size:
             raise CorruptStore(
-                f"{self.name}: frame {index} holds {len(frame)} bytes, "
+                f"{self.where}: frame {index} holds {len(frame)} bytes, "
                 f"the seek table says {raw_size}"
             )
         if keep:
@@ -303,18 +306,18 @@ class LayerReader:
     def _load_seek_table(self) -> None:
         total = self.backend.size(self.name)
         if total < FOOTER.size + 8:
-            raise CorruptStore(f"{self.name}: too short to be a layer ({total} bytes)")
+            raise CorruptStore(f"{self.where}: too short to be a layer ({total} bytes)")
         count, descriptor, magic = FOOTER.unpack(
             self.backend.read(self.name, total - FOOTER.size, FOOTER.size)
         )
         entry_size = ENTRY.size + (4 if descriptor & 0x80 else 0)
         table_size = 8 + count * entry_size + FOOTER.size
         if magic != SEEKABLE_MAGIC or count > MAX_FRAMES or table_size > total:
-            raise CorruptStore(f"{self.name}: seek table is missing or damaged")
+            raise CorruptStore(f"{self.where}: seek table is missing or damaged")
         table = self.backend.read(self.name, total - table_size, table_size)
         skippable, body_size = struct.unpack_from("<II", table)
         if skippable != SKIPPABLE_MAGIC or body_size != table_size - 8:
-            raise CorruptStore(f"{self.name}: seek table header is damaged")
+            raise CorruptStore(f"{self.where}: seek table header is damaged")
         self._index_frames(table, count, entry_size, total - table_size)
 
     def _index_frames(
@@ -331,6 +334,6 @@ class LayerReader:
             self._raw_offsets.append(raw)
         if stored != limit:
             raise CorruptStore(
-                f"{self.name}: seek table covers {stored} bytes of frames, "
+                f"{self.where}: seek table covers {stored} bytes of frames, "
                 f"the layer has {limit}"
             )

@@ -8,7 +8,8 @@ conditional put (If-Match on the ETag of the holder's own last write), so a
 lease that someone else took over is never renewed by its old holder.
 
 A lease whose expiry has passed, or whose holder is a dead process on this
-very host, is stale and may be taken over by a conditional put on the ETag
+very host, is stale (the host counts only with the same boot and pid
+namespace: containers sharing a hostname see each other's pids as gone) and may be taken over by a conditional put on the ETag
 read, which again only one writer can win.  Correctness never rests on the
 lease alone: the head is committed with If-Match, so a writer that lost its
 lease (paused longer than the lease period) fails to commit instead of
@@ -152,6 +153,7 @@ def _holder(purpose: str) -> dict[str, Any]:
         "owner": secrets.token_hex(8),
         "pid": os.getpid(),
         "host": socket.gethostname(),
+        "pid_space": _pid_space(),
         "purpose": purpose,
         "since": time.time(),
     }
@@ -166,11 +168,37 @@ def _is_stale(holder: dict[str, Any]) -> bool:
     try:
         if time.time() > float(holder["expires"]):
             return True
-        if holder["host"] == socket.gethostname():
+        if _same_pid_space(holder):
             return not _alive(int(holder["pid"]))
     except (KeyError, TypeError, ValueError):
         return True
     return False
+
+
+def _pid_space() -> str:
+    """This boot of this machine and our pid namespace, or "" when unknown.
+
+    Pids mean the same process only within one pid namespace of one boot;
+    a hostname alone is shared by containers and clones.
+    """
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as handle:
+            boot = handle.read().strip()
+        return f"{boot}/{os.readlink('/proc/self/ns/pid')}"
+    except OSError:
+        return ""
+
+
+def _same_pid_space(holder: dict[str, Any]) -> bool:
+    """Whether the holder's pid can be looked up here; if unsure, it cannot.
+
+    A lease from an older release carries no ``pid_space`` and waits for its
+    expiry.
+    """
+    space = holder.get("pid_space", "")
+    return (
+        holder["host"] == socket.gethostname() and bool(space) and space == _pid_space()
+    )
 
 
 def _alive(pid: int) -> bool:

@@ -40,6 +40,7 @@ from .cache import ObjectCache
 from .errors import (
     CorruptStore,
     StoreChanged,
+    StoreNotFound,
     StoreNotWritable,
     StoreUnavailable,
     UsageError,
@@ -74,8 +75,11 @@ UPLOAD_CONCURRENCY = 4
 UPLOAD_ATTEMPTS = 4
 GARBAGE_GRACE_SECONDS = 6 * 3600.0
 GRACE_VARIABLE = "DELTATAR_GARBAGE_GRACE"
-RETRIES = 5
-RETRY_SECONDS = 30
+# Transient errors are retried for long enough to ride out a server restart
+# of 20 s or so: at least RETRIES waits of BACKOFF_SECONDS[0] each.
+RETRIES = 20
+RETRY_SECONDS = 60
+BACKOFF_SECONDS = (1.0, 4.0)
 
 
 def open_backend(url: str) -> ObjectStoreBackend:
@@ -90,7 +94,19 @@ def open_backend(url: str) -> ObjectStoreBackend:
         raise UsageError(f"{url}: a store URL looks like s3://bucket/prefix")
     if parts.query or parts.fragment:
         raise UsageError(f"{url}: a store URL takes no query or fragment")
-    return ObjectStoreBackend(parts.netloc, parts.path.strip("/"))
+    prefix = parts.path.removeprefix("/").removesuffix("/")
+    # Refused rather than normalized: s3://b//x and s3://b/x would otherwise
+    # be two names of one store, and '..' has no meaning in a bucket.
+    if prefix and {"", ".", ".."} & set(prefix.split("/")):
+        raise UsageError(
+            f"{url}: a store URL's prefix takes no empty, '.' or '..' parts"
+        )
+    try:
+        return ObjectStoreBackend(parts.netloc, prefix)
+    except ValueError as error:
+        raise UsageError(
+            f"{url}: not a valid store URL ({_first_line(error)})"
+        ) from None
 
 
 def _client_config() -> tuple[dict[str, Any], dict[str, Any]]:
@@ -114,8 +130,8 @@ def _retry_config() -> dict[str, Any]:
         "max_retries": RETRIES,
         "retry_timeout": datetime.timedelta(seconds=RETRY_SECONDS),
         "backoff": {
-            "init_backoff": datetime.timedelta(milliseconds=200),
-            "max_backoff": datetime.timedelta(seconds=5),
+            "init_backoff": datetime.timedelta(seconds=BACKOFF_SECONDS[0]),
+            "max_backoff": datetime.timedelta(seconds=BACKOFF_SECONDS[1]),
             "base": 2,
         },
     }
@@ -128,6 +144,7 @@ class ObjectStoreBackend(Backend):
 
     def __init__(self, bucket: str, prefix: str) -> None:
         config, options = _client_config()
+        self.bucket = bucket
         self.location = f"s3://{bucket}/{prefix}" if prefix else f"s3://{bucket}"
         self.store = S3Store(
             bucket,
@@ -169,20 +186,27 @@ class ObjectStoreBackend(Backend):
         """
         # TODO: a writer killed mid-upload leaves its parts on the server,
         # unlisted; only a bucket lifecycle rule removes them.
-        with contextlib.suppress(*MISSING):
-            obstore.head(self.store, name)
-            raise StoreChanged(f"{self.location}: object {name} already exists")
+        checked = False
         for attempt in range(UPLOAD_ATTEMPTS):
             try:
+                # The check is retried with the upload: a restarting server
+                # fails it as readily as a part.
+                checked = checked or self._refuse_existing(name)
                 self._upload_parts(name, local_path)
                 return
-            except BaseError as error:
+            except (BaseError, ConnectionError, TimeoutError) as error:
                 # A failed part aborts the whole upload (a server restart can
                 # also forget it); the next attempt starts afresh.
                 if attempt + 1 == UPLOAD_ATTEMPTS:
                     raise
                 logger.warning("upload of %s failed (%s); retrying", name, error)
                 time.sleep(2.0 * 2**attempt)
+
+    def _refuse_existing(self, name: str) -> bool:
+        with contextlib.suppress(*MISSING):
+            obstore.head(self.store, name)
+            raise StoreChanged(f"{self.location}: object {name} already exists")
+        return True
 
     def _upload_parts(self, name: str, local_path: Path) -> None:
         with open(local_path, "rb") as handle:
@@ -246,13 +270,25 @@ class ObjectStoreBackend(Backend):
 
     def list(self, prefix: str) -> list[str]:
         names = []
-        with self._errors(prefix):
-            for batch in obstore.list(self.store, prefix):
-                for meta in batch:
-                    names.append(meta["path"])
-                    self._sizes[meta["path"]] = meta["size"]
-                    self._modified[meta["path"]] = meta["last_modified"]
+        with self._errors(prefix or "the listing of the store"):
+            try:
+                for batch in obstore.list(self.store, prefix):
+                    for meta in batch:
+                        names.append(meta["path"])
+                        self._sizes[meta["path"]] = meta["size"]
+                        self._modified[meta["path"]] = meta["last_modified"]
+            except BaseError as error:
+                self._refuse_missing_bucket(error)
+                raise
         return sorted(names)
+
+    def _refuse_missing_bucket(self, error: Exception) -> None:
+        """A listing of a missing bucket fails with a bare 404 (not NotFound)."""
+        if "404 Not Found" in str(error):
+            raise StoreNotFound(
+                f"{self.location}: bucket {self.bucket} does not exist "
+                "(the object store answered 404 to a listing); create it first"
+            ) from None
 
     def delete(self, name: str) -> None:
         with self._errors(name), contextlib.suppress(*MISSING):

@@ -160,8 +160,8 @@ def check_space(store, needed_bytes: int, margin: float = SPACE_MARGIN) -> None:
     if free is not None and free < needed:
         raise NoSpace(
             f"{store.location}: no space for compaction: it needs about "
-            f"{needed} bytes free and only {free} are; free some space or "
-            "compact with --keep-last"
+            f"{needed} bytes free and only {free} are; free at least "
+            f"{needed - free} more bytes and run it again"
         )
 
 

@@ -304,7 +304,7 @@ class Store:
         try:
             return decompress_whole(compressed)
         except pyzstd.ZstdError as error:
-            raise CorruptStore(f"{name}: damaged ({error})") from None
+            raise CorruptStore(f"{self.location}: {name}: damaged ({error})") from None
 
     # -- configuration -----------------------------------------------------------
 

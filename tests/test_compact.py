@@ -427,3 +427,69 @@ def test_two_auto_compactions_at_once_both_exit_zero(timed: TimedStore) -> None:
     assert any(line.startswith("compacted") for line in lines), lines
     assert timed.kept() == [5, 6, 7]
     timed.assert_kept_round_trip()
+
+
+# ------------------------------------------------------------ space estimate
+
+
+def _drop_with_carry(timed: TimedStore) -> tuple[str, ...]:
+    files = {f"data/f{i:02d}": hashlib_bytes(i, 64 * KIB) for i in range(32)}
+    timed.append(T0, files)
+    rewritten = {name: hashlib_bytes(100 + i, 64 * KIB) for i, name in enumerate(files)}
+    timed.append(T0 + HOUR, dict(list(rewritten.items())[:28]))
+    timed.append(T0 + 2 * HOUR)
+    return ("--keep-last", "2")
+
+
+def _merge(timed: TimedStore) -> tuple[str, ...]:
+    chain_of_small_deltas(timed, deltas=6)
+    for number in range(3):
+        timed.append(
+            T0 + (10 + number) * HOUR, {f"m{number}": hashlib_bytes(number, 96 * KIB)}
+        )
+    return ()
+
+
+def _rebase(timed: TimedStore) -> tuple[str, ...]:
+    timed.append(T0, {f"f{i}": hashlib_bytes(i, 16 * KIB) for i in range(4)})
+    timed.append(
+        T0 + HOUR, {f"g{i}": hashlib_bytes(50 + i, 64 * KIB) for i in range(4)}
+    )
+    timed.config("max-delta-percent", "50")
+    return ()
+
+
+def _rebase_after_drop(timed: TimedStore) -> tuple[str, ...]:
+    # The oldest kept visit retains the dropped base, which the rebase copies.
+    files = {f"data/f{i:02d}": hashlib_bytes(i, 64 * KIB) for i in range(32)}
+    timed.append(T0, files)
+    timed.append(T0 + HOUR, {"small": b"x"})
+    timed.append(T0 + 2 * HOUR, {"more": hashlib_bytes(7, 8 * KIB)})
+    timed.config("max-delta-percent", "50")
+    return ("--keep-last", "2")
+
+
+@pytest.mark.parametrize(
+    "make",
+    [_drop_with_carry, _merge, _rebase, _rebase_after_drop],
+    ids=lambda f: f.__name__,
+)
+def test_space_estimate_bounds_what_compaction_writes(timed: TimedStore, make) -> None:
+    options = make(timed)
+    preview = timed.compact("--dry-run", *options)
+    report = timed.compact(*options)
+    assert report["did"] == "compacted", report
+    assert report["bytes_written"] > 0, report
+    assert preview["bytes_needed"] >= report["bytes_written"], (preview, report)
+    timed.assert_kept_round_trip()
+
+
+def test_drop_that_carries_nothing_needs_little_space(timed: TimedStore) -> None:
+    for number in range(4):
+        timed.append(T0 + number * HOUR, {"only": hashlib_bytes(number, 256 * KIB)})
+    preview = timed.compact("--dry-run", "--keep-last", "1")
+    assert preview["carried_bytes"] == 0, preview
+    assert preview["bytes_needed"] < preview["freed_layer_bytes"] / 4, preview
+    report = timed.compact("--keep-last", "1")
+    assert preview["bytes_needed"] >= report["bytes_written"], (preview, report)
+    timed.assert_kept_round_trip()

@@ -394,6 +394,62 @@ def test_compact_refuses_up_front_and_says_what_it_needs(tmp_path, small) -> Non
     assert leftovers(chain.store) == []
 
 
+def test_drop_that_carries_nothing_runs_on_a_full_disk(tmp_path) -> None:
+    # Appends of 700 kB files fill a 3 MiB filesystem; dropping the old
+    # visits carries nothing, so compaction needs only room for manifests.
+    with small_filesystem(tmp_path / "tiny", size_mib=3) as tiny:
+        chain = Chain(tmp_path, tiny / "store")
+        for number in range(1, 6):
+            for old in chain.src.iterdir():
+                old.unlink()
+            chain.add(f"f{number}", 700_000, seed=number)
+            result = run_cli("append", chain.src, "--store", chain.store, check=False)
+            if result.returncode != 0:
+                assert_no_space_error(result, chain.store)
+                break
+            copy_reference(chain.src, tmp_path / f"ref{number}")
+            chain.references.append(tmp_path / f"ref{number}")
+        assert result.returncode != 0, "the filesystem never filled up"
+        kept = len(chain.references)
+
+        report = run_json(
+            "compact", "--store", chain.store, "--keep-last", "1", "--json"
+        )
+
+        assert report["bytes_written"] <= report["bytes_needed"], report
+        chain.references[: kept - 1] = [None] * (kept - 1)
+        chain.assert_intact((chain.store / "HEAD").read_bytes())
+        assert leftovers(chain.store) == []
+
+
+def test_rebase_of_retained_layers_is_refused_up_front(tmp_path, small) -> None:
+    # Dropping visit 1 leaves its base retained by visit 2; the rebase of
+    # the latest visit copies those bytes, and the estimate must count them.
+    chain = Chain(tmp_path, small / "store")
+    for number in range(8):
+        chain.add(f"big{number}", 2 * MIB, seed=number)
+    chain.append()
+    chain.add("small", 10, seed=50)
+    chain.append()
+    chain.add("more", 256 * 1024, seed=51)
+    chain.append()
+    run_cli("config", "--store", chain.store, "max-delta-percent", "50")
+    head = (chain.store / "HEAD").read_bytes()
+    before = sorted(os.listdir(chain.store / "layers"))
+    fill(small, leave=12 * MIB)
+
+    args = ("compact", "--store", chain.store, "--keep-last", "2")
+    result = run_cli(*args, check=False)
+
+    assert_no_space_error(result, chain.store)
+    assert "needs about" in result.stderr, result.stderr
+    assert "--keep-last" not in result.stderr, result.stderr
+    assert (chain.store / "HEAD").read_bytes() == head
+    assert sorted(os.listdir(chain.store / "layers")) == before
+    assert leftovers(chain.store) == []
+    chain.assert_intact(head)
+
+
 # ------------------------------------------------------------- materialize
 
 

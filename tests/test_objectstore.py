@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -296,6 +297,36 @@ def test_a_held_lock_makes_a_writer_wait_then_name_the_holder(
     assert len(run_json("log", "--store", url, "--json")["visits"]) == 2
 
 
+def test_a_live_holder_in_another_pid_namespace_is_not_judged_dead(
+    s3_env, tmp_path, request
+):
+    # Containers sharing a hostname: the holder's pid does not exist in the
+    # other namespace, yet the holder runs, so its lease must be waited for.
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.fail("this test needs root and unshare(1) to make a pid namespace")
+    url = store_url(request)
+    src = tmp_path / "src"
+    src.mkdir()
+    write(src / "a.txt", b"a\n")
+    run_cli("append", src, "--store", url)
+    write(src / "b.txt", b"b\n")
+    command = ["unshare", "-p", "-f", "--mount-proc"]
+    command += cli_command("append", src, "--store", url, "--lock-timeout", "2")
+
+    store = Store.open(url)
+    with store.backend.writer_lock(5, "compact (held by the test)"):
+        blocked = subprocess.run(
+            command, env=cli_env(), capture_output=True, text=True, check=False
+        )
+        assert blocked.returncode == 1, describe_run(blocked, "the lease was taken")
+        assert "locked by compact (held by the test)" in blocked.stderr
+
+    assert len(run_json("log", "--store", url, "--json")["visits"]) == 1
+    taken = subprocess.run(command, env=cli_env(), capture_output=True, text=True)
+    assert taken.returncode == 0, describe_run(taken, "append after release")
+    assert len(run_json("log", "--store", url, "--json")["visits"]) == 2
+
+
 def _wait_for(condition, process: subprocess.Popen, what: str, limit: float = 120):
     deadline = time.monotonic() + limit
     while not condition():
@@ -401,7 +432,7 @@ def test_damaged_objects_are_found_by_verify(s3_env, tmp_path, request):
     obstore.put(raw, record["layer"], bytes(layer))
     damaged = run_cli("verify", "--store", url, check=False)
     assert damaged.returncode == 1, describe_run(damaged, "verify missed the damage")
-    assert record["layer"] in damaged.stdout + damaged.stderr
+    assert f"{url}: {record['layer']}" in damaged.stdout + damaged.stderr
 
     manifest = bytearray(obstore.get(raw, record["manifest"]).bytes())
     manifest[len(manifest) // 2] ^= 0xFF
@@ -409,6 +440,7 @@ def test_damaged_objects_are_found_by_verify(s3_env, tmp_path, request):
     damaged = run_cli("verify", "--store", url, check=False)
     assert damaged.returncode == 1
     assert "visit 1" in damaged.stdout + damaged.stderr
+    assert f"{url}: {record['manifest']}" in damaged.stdout + damaged.stderr
 
 
 @pytest.mark.slow
@@ -448,12 +480,72 @@ def test_server_restarted_mid_append_loses_no_visit(tmp_path, monkeypatch):
         own.stop()
 
 
+@pytest.mark.slow
+def test_server_down_for_seconds_during_an_append_is_ridden_out(tmp_path, monkeypatch):
+    # The server is gone when the append starts and comes back five seconds
+    # (plus its start-up) later; every request must be retried for longer
+    # than that, so the append succeeds.
+    own = SeaweedServer(tmp_path / "own-server")
+    own.start()
+    try:
+        for key, value in own.env().items():
+            monkeypatch.setenv(key, value)
+        url = f"s3://{BUCKET}/outage"
+        src = tmp_path / "src"
+        src.mkdir()
+        write(src / "first.txt", b"first\n")
+        run_cli("append", src, "--store", url)
+
+        write(src / "second.bin", random_bytes(2 * MIB, 11))
+        own.stop()
+        writer = start("append", src, "--store", url)
+        time.sleep(5)
+        own.start()
+        result = finish(writer)
+
+        assert result.returncode == 0, describe_run(result, "append gave up")
+        log = run_json("log", "--store", url, "--json")["visits"]
+        assert [record["visit"] for record in log] == [1, 2]
+        assert_same_tree(src, _materialized(url, 2, tmp_path / "v2"))
+        run_cli("verify", "--store", url)
+    finally:
+        own.stop()
+
+
 def _materialized(url: str, visit: int, dest: Path) -> Path:
     run_cli("materialize", "--store", url, "--visit", str(visit), dest)
     return dest
 
 
 # ------------------------------------------------------------- usage
+
+
+@pytest.mark.parametrize("prefix", ["a/../b", "./dot", "/x", "a//b", "a/."])
+def test_prefix_with_empty_or_dot_parts_is_one_line(s3_env, tmp_path, prefix):
+    url = f"s3://{BUCKET}/{prefix}"
+    src = tmp_path / "src"
+    src.mkdir()
+    write(src / "a.txt", b"a\n")
+    for command in (("log",), ("append", src)):
+        result = run_cli(*command, "--store", url, check=False)
+        assert result.returncode in (1, 2), describe_run(result, "accepted")
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and "Traceback" not in result.stderr, lines
+        assert lines[0].startswith(f"deltatar: error: {url}: "), lines[0]
+
+
+def test_missing_bucket_is_named(s3_env, tmp_path):
+    url = "s3://no-such-bucket-here/store"
+    src = tmp_path / "src"
+    src.mkdir()
+    write(src / "a.txt", b"a\n")
+    result = run_cli("append", src, "--store", url, check=False)
+    assert result.returncode == 1, describe_run(result, "append succeeded")
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(f"deltatar: error: {url}: "), lines[0]
+    assert "bucket no-such-bucket-here" in lines[0], lines[0]
+    assert "failed on  (" not in lines[0]
 
 
 def test_unknown_scheme_is_a_one_line_error(tmp_path):
