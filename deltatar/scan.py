@@ -18,7 +18,7 @@ from typing import NamedTuple
 
 import pathspec
 
-from .errors import SourceError
+from .errors import SourceError, UsageError
 from .manifest import (
     BLOCK_DEVICE,
     CHAR_DEVICE,
@@ -94,11 +94,30 @@ class ScanResult:
 
 def exclusion_spec(src: Path, patterns: list[str]) -> pathspec.PathSpec:
     """Combine ``--exclude`` patterns with the source's ``.deltatarignore``."""
+    origins = ["--exclude" for _ in patterns]
     lines = list(patterns)
     ignore_file = src / IGNORE_FILE
     if ignore_file.is_file():
-        lines += ignore_file.read_text(errors="surrogateescape").splitlines()
-    return pathspec.GitIgnoreSpec.from_lines(lines)
+        ignored = ignore_file.read_text(errors="surrogateescape").splitlines()
+        origins += [f"{ignore_file} line {n}" for n in range(1, len(ignored) + 1)]
+        lines += ignored
+    try:
+        return pathspec.GitIgnoreSpec.from_lines(lines)
+    except ValueError:
+        _refuse_bad_pattern(lines, origins)
+        raise
+
+
+def _refuse_bad_pattern(lines: list[str], origins: list[str]) -> None:
+    """Name the pattern pathspec refused and where it came from."""
+    for line, origin in zip(lines, origins, strict=True):
+        try:
+            pathspec.GitIgnoreSpec.from_lines([line])
+        except ValueError:
+            hint = " (it may not end in a backslash)" if line.endswith("\\") else ""
+            raise UsageError(
+                f"{origin}: '{line}' is not a valid pattern{hint}"
+            ) from None
 
 
 def scan(
