@@ -517,3 +517,44 @@ def test_reader_closing_the_pipe_early_always_exits_141(
 
     assert status == 141
     assert b"Traceback" not in reader.stderr.read()
+
+
+def test_bucket_store_that_lost_its_head_is_refused_not_emptied(tmp_path: Path) -> None:
+    # The same loss in a bucket: the head object deleted, the layers left.
+    import obstore
+    from obstore.store import S3Store
+    from seaweed import ACCESS_KEY, BUCKET, SECRET_KEY, SeaweedServer
+
+    server = SeaweedServer(tmp_path / "seaweed")
+    server.start()
+    try:
+        env = server.env() | {"XDG_CACHE_HOME": str(tmp_path / "cache")}
+        url = f"s3://{BUCKET}/headless"
+        src = tmp_path / "src"
+        src.mkdir()
+        for name in ("a", "b"):
+            (src / name).write_text(f"{name}\n")
+            run_cli("append", src, "--store", url, "-q", env=env)
+        raw = S3Store(
+            BUCKET,
+            prefix="headless",
+            config={"endpoint": server.endpoint, "region": "us-east-1"},
+            access_key_id=ACCESS_KEY,
+            secret_access_key=SECRET_KEY,
+            client_options={"allow_http": True},
+        )
+        obstore.delete(raw, "HEAD")
+        before = sorted(m["path"] for batch in obstore.list(raw) for m in batch)
+
+        for command in (("verify",), ("append", src)):
+            result = run_cli(*command, "--store", url, check=False, env=env)
+            assert result.returncode == 1, command
+            assert "HEAD) is missing" in result.stderr
+            assert "nothing was changed" in result.stderr
+
+        after = sorted(m["path"] for batch in obstore.list(raw) for m in batch)
+        assert [name for name in after if "/" in name] == [
+            name for name in before if "/" in name
+        ]
+    finally:
+        server.stop()
