@@ -521,8 +521,20 @@ def _count(counts: Counts, old: Entry | None, new: Entry) -> None:
     if not _differs(old, new):
         return
     counts.changed += 1
-    same_content = old.content_id == new.content_id and old.target == new.target
-    counts.metadata_only += same_content and old.hardlink_of == new.hardlink_of
+    counts.metadata_only += metadata_only(old, new)
+
+
+def metadata_only(old: Entry, new: Entry) -> bool:
+    """A change that keeps the content, the link target and the hard link.
+
+    Becoming a hard link to another file with the same bytes is not counted:
+    the entry now names another file, which is what a reader sees change.
+    """
+    return (
+        old.content_id == new.content_id
+        and old.target == new.target
+        and old.hardlink_of == new.hardlink_of
+    )
 
 
 def tombstones_between(previous: Manifest | None, entries: list[Entry]) -> list[str]:

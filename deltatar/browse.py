@@ -17,7 +17,7 @@ import xxhash
 from .content import ContentSource
 from .errors import CorruptStore, UsageError
 from .head import VisitRecord
-from .manifest import FILE, Entry
+from .manifest import FILE, Entry, visit_path
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,7 +45,7 @@ def read_file(store, visit, path: str) -> Iterator[bytes]:
     with store.backend.reader_guard():
         record = store.read_head().resolve(visit, store.location)
         by_path = store.load_manifest(record).by_path()
-        entry = by_path.get(path.strip("/"))
+        entry = by_path.get(visit_path(path))
         if entry is None:
             raise UsageError(f"{path}: not in visit {record.visit}")
         if entry.type != FILE:
@@ -155,9 +155,9 @@ def _change_kind(old: Entry | None, new: Entry | None) -> str | None:
 
 
 def _below(entries: list[Entry], path: str | None, record) -> list[Entry]:
-    if not path or path.strip("/") in ("", "."):
+    prefix = visit_path(path or "")
+    if not prefix:
         return entries
-    prefix = path.strip("/")
     chosen = [e for e in entries if e.path == prefix or e.path.startswith(prefix + "/")]
     if not chosen and record is not None:
         raise UsageError(f"{path}: not in visit {record.visit}")

@@ -118,7 +118,7 @@ class Head:
             return self.visits[-1]
         if isinstance(spec, str) and spec.startswith(MESSAGE_PREFIX):
             return self._by_message(spec[len(MESSAGE_PREFIX) :], location)
-        number = _as_int(spec)
+        number = _as_int(spec, location)
         if number is not None and number < 0:
             if -number > len(self.visits):
                 raise VisitNotFound(
@@ -175,13 +175,21 @@ def _range_text(start: int, end: int | None) -> str:
     return str(start) if start == end else f"{start}-{end}"
 
 
-def _as_int(spec: str | int) -> int | None:
+MAX_VISIT_DIGITS = 1000
+
+
+def _as_int(spec: str | int, location: str) -> int | None:
     """A visit number written as plain ASCII digits, with an optional minus."""
     if isinstance(spec, int):
         return spec
-    if re.fullmatch(r"-?[0-9]{1,18}", spec):
-        return int(spec)
-    return None
+    if not re.fullmatch(r"-?[0-9]+", spec):
+        return None
+    if len(spec) > MAX_VISIT_DIGITS:
+        # int() refuses this many digits; no visit number comes near it.
+        raise VisitNotFound(
+            f"{location}: there is no visit with a {len(spec)}-digit number"
+        )
+    return int(spec)
 
 
 def encode(head: Head) -> bytes:

@@ -176,6 +176,14 @@ def tree_digest(entries: list[Entry]) -> str:
     return digest.hexdigest()
 
 
+def visit_path(text: str) -> str:
+    """A path as the user typed it, as the manifest spells it.
+
+    ``./d/f``, ``d//f`` and ``d/f/`` all name ``d/f``; the root is ``""``.
+    """
+    return "/".join(part for part in text.split("/") if part not in ("", "."))
+
+
 def path_sort_key(entry: Entry) -> bytes:
     return entry.path.encode("utf-8", "surrogateescape")
 

@@ -36,7 +36,9 @@ from .manifest import (
     SYMLINK,
     Entry,
     Manifest,
+    visit_path,
 )
+from .scan import STORE_MARKER
 
 logger = logging.getLogger(__name__)
 
@@ -85,9 +87,7 @@ def materialize_visit(
             )
         entries = _select(manifest, paths, record)
         check_entries(entries, record, devices)
-        created, keep = _prepare_destination(dest, force, store)
-        if keep is not None:
-            _refuse_entries_at(keep.relative_to(dest.resolve()), entries, record)
+        created, keep = _prepare_destination(dest, force, store, entries, record)
         try:
             with no_space_guard(str(dest)):
                 _write_tree(store, dest, entries, record, progress)
@@ -153,7 +153,7 @@ def _select(
 ) -> list[Entry]:
     if not paths:
         return manifest.entries
-    wanted = [path.strip("/") for path in paths]
+    wanted = [visit_path(path) for path in paths]
     by_path = manifest.by_path()
     for path, given in zip(wanted, paths, strict=True):
         if path not in by_path:
@@ -172,43 +172,69 @@ def _select(
     return [entry for entry in manifest.entries if entry.path in chosen]
 
 
-def _prepare_destination(dest: Path, force: bool, store) -> tuple[bool, Path | None]:
-    """Check and ready DEST.
+def _prepare_destination(
+    dest: Path, force: bool, store, entries: list[Entry], record: VisitRecord
+) -> tuple[bool, list[Path]]:
+    """Check and ready DEST; nothing in it is deleted until every check passed.
 
-    Returns whether this call created DEST, and the store's path when the
-    store lies inside DEST: restoring a visit into the directory it was
-    recorded from, store and all, is how a run is resumed, so the store is
-    kept while everything else in DEST is replaced.
+    Returns whether this call created DEST, and the stores that lie inside
+    DEST: restoring a visit into the directory it was recorded from, store
+    and all, is how a run is resumed, so the store in use, and any other
+    store an append left out of its visits, is kept while everything else
+    in DEST is replaced.
     """
     resolved = dest.resolve()
-    keep = None
     if store.local_path is not None:
         store_path = store.local_path.resolve()
         if resolved == store_path or store_path in resolved.parents:
             raise UsageError(
                 f"{dest}: destination lies inside the store {store.location}"
             )
-        keep = store_path if resolved in store_path.parents else None
     if dest.is_symlink() or (dest.exists() and not dest.is_dir()):
         raise UsageError(f"{dest}: destination exists and is not a directory")
     if not dest.exists():
-        dest.mkdir(parents=True)
-        return True, None
-    if any(dest.iterdir()):
-        if not force:
-            raise UsageError(
-                f"{dest}: destination is not empty; use --force to replace its contents"
-            )
-        _empty_directory(resolved, keep)
+        _make_destination(dest)
+        return True, []
+    if not any(dest.iterdir()):
+        return False, []
+    if not force:
+        raise UsageError(
+            f"{dest}: destination is not empty; use --force to replace its contents"
+        )
+    keep = _stores_inside(resolved)
+    for store_path in keep:
+        _refuse_entries_at(store_path.relative_to(resolved), entries, record)
+    _empty_directory(resolved, keep)
     return False, keep
 
 
-def _empty_directory(dest: Path, keep: Path | None = None) -> None:
-    """Remove everything in ``dest`` except ``keep`` and the folders above it."""
+def _make_destination(dest: Path) -> None:
+    try:
+        dest.mkdir(parents=True)
+    except OSError as error:
+        raise UsageError(
+            f"{dest}: cannot create the destination ({error.strerror})"
+        ) from None
+
+
+def _stores_inside(dest: Path) -> list[Path]:
+    """Every deltatar store below ``dest``; symlinks are not followed."""
+    if (dest / STORE_MARKER).is_file():
+        raise UsageError(f"{dest}: destination is a deltatar store")
+    found = []
+    for parent, names, files in os.walk(dest):
+        if STORE_MARKER in files and parent != os.fspath(dest):
+            found.append(Path(parent))
+            names.clear()
+    return found
+
+
+def _empty_directory(dest: Path, keep: list[Path]) -> None:
+    """Remove everything in ``dest`` except ``keep`` and the folders above them."""
     for child in dest.iterdir():
-        if keep is not None and child == keep:
+        if child in keep:
             continue
-        if keep is not None and child in keep.parents:
+        if any(child in path.parents for path in keep):
             _empty_directory(child, keep)
         elif child.is_dir() and not child.is_symlink():
             _make_removable(child)
@@ -228,17 +254,28 @@ def _make_removable(directory: Path) -> None:
 
 
 def _refuse_entries_at(store_path: Path, entries: list[Entry], record) -> None:
-    """A visit holding a path where the store now lies cannot be written there."""
+    """A visit holding a path where a store now lies cannot be written there.
+
+    Neither can a visit with a file (or link) at a folder above the store:
+    writing it would need the folder, and so the store, gone.
+    """
     taken = store_path.as_posix()
+    above = {parent.as_posix() for parent in store_path.parents} - {"."}
     for entry in entries:
         if entry.path == taken or entry.path.startswith(taken + "/"):
             raise UsageError(
-                f"visit {record.visit} holds {entry.path!r} where the store lies; "
-                "materialize it into another directory"
+                f"visit {record.visit} holds {entry.path!r} where the store lies "
+                f"({taken}); materialize it into another directory"
+            )
+        if entry.path in above and entry.type != DIRECTORY:
+            raise UsageError(
+                f"visit {record.visit} holds a {entry.type} {entry.path!r} where "
+                f"a folder holds the store {taken}; materialize it into another "
+                "directory"
             )
 
 
-def _remove_partial_tree(dest: Path, created: bool, keep: Path | None) -> None:
+def _remove_partial_tree(dest: Path, created: bool, keep: list[Path]) -> None:
     """Leave no half-written tree behind a failed materialize."""
     _empty_directory(dest.resolve(), keep)
     if created:

@@ -17,7 +17,13 @@ from pathlib import Path
 
 import xxhash
 
-from .append import Progress, _differs, _entry_for, guard_nested_archives
+from .append import (
+    Progress,
+    _differs,
+    _entry_for,
+    guard_nested_archives,
+    metadata_only,
+)
 from .errors import UsageError
 from .head import Head
 from .manifest import FILE, Entry, Manifest
@@ -194,7 +200,7 @@ def _classify(preview: Preview, old: Entry | None, entry: Entry) -> None:
         preview.changed.append(entry.path)
     elif _differs(old, entry):
         preview.changed.append(entry.path)
-        if old.content_id == entry.content_id and old.target == entry.target:
+        if metadata_only(old, entry):
             preview.metadata_only.append(entry.path)
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
-from .errors import SourceError
+from .errors import SourceError, UsageError
 from .manifest import (
     BLOCK_DEVICE,
     CHAR_DEVICE,
@@ -99,15 +99,36 @@ def exclusion_spec(src: Path, patterns: list[str]) -> pathspec.PathSpec | None:
     None when there is nothing to exclude: the walk then matches no paths,
     and a small append does not pay for importing ``pathspec``.
     """
+    origins = ["--exclude" for _ in patterns]
     lines = list(patterns)
     ignore_file = src / IGNORE_FILE
     if ignore_file.is_file():
-        lines += ignore_file.read_text(errors="surrogateescape").splitlines()
+        ignored = ignore_file.read_text(errors="surrogateescape").splitlines()
+        origins += [f"{ignore_file} line {n}" for n in range(1, len(ignored) + 1)]
+        lines += ignored
     if not lines:
         return None
     import pathspec
 
-    return pathspec.GitIgnoreSpec.from_lines(lines)
+    try:
+        return pathspec.GitIgnoreSpec.from_lines(lines)
+    except ValueError:
+        _refuse_bad_pattern(lines, origins)
+        raise
+
+
+def _refuse_bad_pattern(lines: list[str], origins: list[str]) -> None:
+    """Name the pattern pathspec refused and where it came from."""
+    import pathspec
+
+    for line, origin in zip(lines, origins, strict=True):
+        try:
+            pathspec.GitIgnoreSpec.from_lines([line])
+        except ValueError:
+            hint = " (it may not end in a backslash)" if line.endswith("\\") else ""
+            raise UsageError(
+                f"{origin}: '{line}' is not a valid pattern{hint}"
+            ) from None
 
 
 def scan(

@@ -89,6 +89,11 @@ class Store:
             _create_remote(_backend_for(location))
             return cls.open(location)
         path = Path(location)
+        if path.is_symlink() and not path.exists():
+            raise UsageError(
+                f"{path}: is a symlink to {os.readlink(path)}, which does not "
+                "exist; create the directory it names or choose another --store"
+            )
         if path.exists() and not path.is_dir():
             raise UsageError(f"{path}: exists and is not a directory, so not a store")
         if not (path / HEADER_NAME).exists():
@@ -167,8 +172,24 @@ class Store:
     def read_head_with_token(self) -> tuple[Head, str | None]:
         data, token = self.backend.read_head()
         if data is None:
+            self._check_headless()
             return Head(), None
         return head_module.decode(data, self.location), token
+
+    def _check_headless(self) -> None:
+        """Refuse a store whose head is gone but whose objects are not.
+
+        Without this, the next writer would take every object for a crashed
+        writer's leftovers and delete the whole history.
+        """
+        count = sum(len(self.backend.list(f"{kind}/")) for kind in OBJECT_DIRS)
+        if count:
+            raise CorruptStore(
+                f"{self.location}: the head (HEAD) is missing but {count} objects "
+                "exist under layers/, manifests/ and contents/; nothing was "
+                "changed (the layers are plain tar.zst files: see "
+                "docs/format.md to recover them by hand)"
+            )
 
     def commit_head(self, head: Head, token: str | None) -> None:
         head.generation += 1

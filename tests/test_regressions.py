@@ -6,11 +6,20 @@ import json
 import os
 import random
 import shutil
+import subprocess
 import threading
 from pathlib import Path
 
 import pytest
-from conftest import Visits, assert_same_tree, run_cli, run_json, tree_state
+from conftest import (
+    Visits,
+    assert_same_tree,
+    cli_command,
+    cli_env,
+    run_cli,
+    run_json,
+    tree_state,
+)
 
 from deltatar import Store
 
@@ -277,3 +286,275 @@ def test_compaction_keeps_the_visits_it_reports(tmp_path: Path) -> None:
             tree_state(visits.references[visit - 1]),
             tree_state(visits.materialize(visit)),
         )
+
+
+def test_store_that_lost_its_head_is_refused_not_emptied(tmp_path: Path) -> None:
+    # Someone deleted HEAD by hand; the layers of two visits are still there.
+    visits = Visits(tmp_path)
+    (visits.src / "a").write_text("a\n")
+    visits.append()
+    (visits.src / "b").write_text("b\n")
+    visits.append()
+    (visits.store / "HEAD").unlink()
+    before = sorted(p.relative_to(visits.store) for p in visits.store.rglob("*"))
+
+    for command in (
+        ("verify",),
+        ("append", visits.src),
+        ("compact", "--keep-last", "1"),
+        ("materialize", "--visit", "1", tmp_path / "out"),
+    ):
+        result = run_cli(*command, "--store", visits.store, check=False)
+        assert result.returncode == 1, command
+        assert "HEAD" in result.stderr and "missing" in result.stderr
+        assert "nothing was changed" in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+
+    after = sorted(p.relative_to(visits.store) for p in visits.store.rglob("*"))
+    assert after == before
+
+
+def test_forced_materialize_keeps_another_store_inside_the_destination(
+    tmp_path: Path,
+) -> None:
+    # A node directory with its own store, and a subfolder with a store of its
+    # own that the node's visits leave out; visit 1 is restored over the node.
+    node = tmp_path / "node"
+    (node / "sub").mkdir(parents=True)
+    (node / "a").write_text("a\n")
+    store = node / ".deltatar"
+    other = node / "sub" / "other"
+    run_cli("append", node, "--store", store, "-q")
+    (node / "sub" / "s").write_text("s\n")
+    run_cli("append", node / "sub", "--store", other, "-q")
+    run_cli("append", node, "--store", store, "-q")
+
+    run_cli("materialize", "--visit", "1", node, "--force", "--store", store)
+
+    assert not (node / "sub" / "s").exists()
+    assert run_cli("verify", "--store", other).returncode == 0
+    restored = tmp_path / "restored"
+    run_cli("materialize", "--store", other, restored)
+    assert (restored / "s").read_text() == "s\n"
+
+
+def test_forced_materialize_refuses_a_file_above_the_store_before_deleting(
+    tmp_path: Path,
+) -> None:
+    # Visit 1 had a file "sub"; now "sub" is a folder holding the store.
+    node = tmp_path / "node"
+    node.mkdir()
+    (node / "sub").write_text("file\n")
+    run_cli("append", node, "--store", tmp_path / "st", "-q")
+    (node / "sub").unlink()
+    (node / "sub").mkdir()
+    (node / "other").write_text("keep\n")
+    store = node / "sub" / ".deltatar"
+    (tmp_path / "st").rename(store)
+
+    result = run_cli(
+        "materialize", "--visit", "1", node, "--force", "--store", store, check=False
+    )
+
+    assert result.returncode == 1
+    assert "'sub'" in result.stderr and "Traceback" not in result.stderr
+    assert (node / "other").read_text() == "keep\n"
+    assert [r.visit for r in Store.open(store).visits()] == [1]
+
+
+@pytest.mark.parametrize("where", ["below a file", "under /proc"])
+def test_materialize_into_an_impossible_destination_gives_one_line(
+    tmp_path: Path, where: str
+) -> None:
+    visits = Visits(tmp_path)
+    (visits.src / "f").write_text("f\n")
+    visits.append()
+    (tmp_path / "afile").write_text("not a folder\n")
+    dest = tmp_path / "afile" / "sub" if where == "below a file" else "/proc/dt/x"
+
+    result = run_cli("materialize", "--store", visits.store, dest, check=False)
+
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"deltatar: error: {dest}: cannot create the destination "
+        + (
+            "(Not a directory)"
+            if where == "below a file"
+            else "(No such file or directory)"
+        )
+    ]
+
+
+def test_pattern_ending_in_a_backslash_is_named_with_its_origin(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a").write_text("a\n")
+    store = tmp_path / "st"
+
+    given = run_cli("append", src, "--store", store, "--exclude", "\\", check=False)
+    (src / ".deltatarignore").write_text("*.tmp\nfoo\\\n")
+    ignored = run_cli("append", src, "--store", store, check=False)
+    previewed = run_cli("append", "-n", src, "--store", store, check=False)
+
+    assert given.returncode == ignored.returncode == previewed.returncode == 1
+    assert given.stderr.splitlines() == [
+        "deltatar: error: --exclude: '\\' is not a valid pattern "
+        "(it may not end in a backslash)"
+    ]
+    for result in (ignored, previewed):
+        assert result.stderr.splitlines() == [
+            f"deltatar: error: {src / '.deltatarignore'} line 2: 'foo\\' is not a "
+            "valid pattern (it may not end in a backslash)"
+        ]
+    assert not store.exists()
+
+
+def test_store_given_as_a_dangling_symlink_gives_one_line(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a").write_text("a\n")
+    link = tmp_path / "st"
+    link.symlink_to(tmp_path / "nowhere")
+
+    result = run_cli("append", src, "--store", link, check=False)
+
+    assert result.returncode == 1
+    assert len(result.stderr.splitlines()) == 1
+    assert f"{link}: is a symlink to {tmp_path / 'nowhere'}" in result.stderr
+    assert not (tmp_path / "nowhere").exists()
+
+
+def test_dry_run_counts_a_file_turned_hard_link_as_append_does(tmp_path: Path) -> None:
+    # "b" held the same bytes as "a"; now it is a hard link to "a".
+    visits = Visits(tmp_path)
+    (visits.src / "a").write_text("same\n")
+    (visits.src / "b").write_text("same\n")
+    visits.append()
+    (visits.src / "b").unlink()
+    os.link(visits.src / "a", visits.src / "b")
+
+    preview = run_json("append", "-n", visits.src, "--store", visits.store, "--json")
+    real = visits.append()
+
+    counted = ("added", "changed", "deleted", "metadata_only")
+    assert {key: preview[key] for key in counted} == {key: real[key] for key in counted}
+    assert real["changed"] == 1
+    assert preview["paths"]["metadata_only"] == []
+
+
+@pytest.mark.parametrize(
+    ("spec", "expected"),
+    [
+        ("99999999999999999999999", "there is no visit 99999999999999999999999;"),
+        ("-99999999999999999999999", "reaches before the oldest kept visit"),
+        ("9" * 5000, "there is no visit with a 5000-digit number"),
+    ],
+)
+def test_any_all_digit_visit_is_a_number_however_long(
+    tmp_path: Path, spec: str, expected: str
+) -> None:
+    # A message that is all digits would need msg:, however many digits it has.
+    visits = Visits(tmp_path)
+    (visits.src / "f").write_text("f\n")
+    visits.append("-m", spec)
+
+    result = run_cli("cat", "--store", visits.store, "--visit", spec, "f", check=False)
+
+    assert result.returncode == 1
+    assert expected in result.stderr
+    assert len(result.stderr.splitlines()) == 1
+
+
+@pytest.mark.parametrize("spelled", ["./d/f", "d//f", "./d//f", "d/f/"])
+def test_paths_are_read_the_same_by_cat_ls_diff_and_materialize(
+    tmp_path: Path, spelled: str
+) -> None:
+    visits = Visits(tmp_path)
+    (visits.src / "d").mkdir()
+    (visits.src / "d" / "f").write_text("one\n")
+    visits.append()
+    (visits.src / "d" / "f").write_text("two\n")
+    visits.append()
+    store = ("--store", visits.store)
+
+    cat = run_cli("cat", *store, "--visit", "1", spelled)
+    listed = run_json("ls", *store, "--json", spelled)
+    changed = run_json("diff", *store, "1", "2", spelled, "--json")
+    dest = visits.fresh_path("part")
+    run_cli("materialize", *store, "--visit", "1", "--path", spelled, dest)
+
+    assert cat.stdout == "one\n"
+    assert [entry["path"] for entry in listed["entries"]] == ["d/f"]
+    assert [change["path"] for change in changed["changes"]] == ["d/f"]
+    assert (dest / "d" / "f").read_text() == "one\n"
+
+
+@pytest.mark.parametrize("command", ["cat", "ls"])
+def test_reader_closing_the_pipe_early_always_exits_141(
+    tmp_path: Path, command: str
+) -> None:
+    # As `deltatar cat big | head -c 10`: the reader takes a few bytes and goes.
+    visits = Visits(tmp_path)
+    (visits.src / "big").write_bytes(random.Random(8).randbytes(8 * MIB))
+    for number in range(5000):
+        (visits.src / f"name-{number:05d}").touch()
+    visits.append()
+    args = (
+        ("--store", visits.store, "big")
+        if command == "cat"
+        else ("--store", visits.store)
+    )
+
+    reader = subprocess.Popen(
+        cli_command(command, *args),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=cli_env(None),
+    )
+    assert len(reader.stdout.read(10)) == 10
+    reader.stdout.close()
+    status = reader.wait(timeout=120)
+
+    assert status == 141
+    assert b"Traceback" not in reader.stderr.read()
+
+
+def test_bucket_store_that_lost_its_head_is_refused_not_emptied(tmp_path: Path) -> None:
+    # The same loss in a bucket: the head object deleted, the layers left.
+    import obstore
+    from obstore.store import S3Store
+    from seaweed import ACCESS_KEY, BUCKET, SECRET_KEY, SeaweedServer
+
+    server = SeaweedServer(tmp_path / "seaweed")
+    server.start()
+    try:
+        env = server.env() | {"XDG_CACHE_HOME": str(tmp_path / "cache")}
+        url = f"s3://{BUCKET}/headless"
+        src = tmp_path / "src"
+        src.mkdir()
+        for name in ("a", "b"):
+            (src / name).write_text(f"{name}\n")
+            run_cli("append", src, "--store", url, "-q", env=env)
+        raw = S3Store(
+            BUCKET,
+            prefix="headless",
+            config={"endpoint": server.endpoint, "region": "us-east-1"},
+            access_key_id=ACCESS_KEY,
+            secret_access_key=SECRET_KEY,
+            client_options={"allow_http": True},
+        )
+        obstore.delete(raw, "HEAD")
+        before = sorted(m["path"] for batch in obstore.list(raw) for m in batch)
+
+        for command in (("verify",), ("append", src)):
+            result = run_cli(*command, "--store", url, check=False, env=env)
+            assert result.returncode == 1, command
+            assert "HEAD) is missing" in result.stderr
+            assert "nothing was changed" in result.stderr
+
+        after = sorted(m["path"] for batch in obstore.list(raw) for m in batch)
+        assert [name for name in after if "/" in name] == [
+            name for name in before if "/" in name
+        ]
+    finally:
+        server.stop()

@@ -6,7 +6,6 @@ Each handler takes the parsed options and returns the exit status.  With
 
 from __future__ import annotations
 
-import sys
 import time
 from typing import Any
 
@@ -29,6 +28,7 @@ from .output import (
     short_time,
     shown_path,
     stdout_console,
+    write_bytes,
     write_lines,
 )
 
@@ -40,11 +40,14 @@ def run_append(args) -> int:
     from pathlib import Path
 
     from ..append import check_source
+    from ..scan import exclusion_spec
     from ..store import Store
 
     if args.dry_run:
         return _append_dry_run(args)
     check_source(Path(args.src))
+    # A pattern that does not parse is refused before a store is created.
+    exclusion_spec(Path(args.src), args.exclude)
     store = Store.open_or_create(args.store)
     store.lock_timeout = args.lock_timeout
     started = time.perf_counter()
@@ -337,6 +340,7 @@ def run_ls(args) -> int:
 
 def run_cat(args) -> int:
     from ..browse import read_file
+    from ..manifest import visit_path
     from ..store import Store
 
     store = Store.open(args.store)
@@ -349,17 +353,14 @@ def run_cat(args) -> int:
         print_json(
             {
                 "visit": visit,
-                "path": documents.path_text(args.path.strip("/")),
+                "path": documents.path_text(visit_path(args.path)),
                 "size": len(data),
                 "encoding": "base64",
                 "data": base64.b64encode(data).decode("ascii"),
             }
         )
         return EXIT_OK
-    out = sys.stdout.buffer
-    for chunk in chunks:
-        out.write(chunk)
-    out.flush()
+    write_bytes(chunks)
     return EXIT_OK
 
 

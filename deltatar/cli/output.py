@@ -336,8 +336,30 @@ def print_err(text: str) -> None:
 
 
 def write_lines(lines: list[str]) -> None:
-    sys.stdout.write("".join(line + "\n" for line in lines))
+    text = "".join(line + "\n" for line in lines)
+    encoding = sys.stdout.encoding or "utf-8"
+    write_bytes([text.encode(encoding, errors="backslashreplace")])
+
+
+def write_bytes(chunks) -> None:
+    """Write straight to stdout's descriptor, every byte or an error.
+
+    A buffered write that the reader cuts short (``| head -c 10``) reports
+    the bytes it managed and drops the rest without an error; ``os.write``
+    raises BrokenPipeError instead, so a closed pipe always exits 141.
+    """
     sys.stdout.flush()
+    try:
+        descriptor = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):
+        # stdout replaced by an object without a descriptor (an embedding).
+        for chunk in chunks:
+            sys.stdout.buffer.write(chunk)
+        return
+    for chunk in chunks:
+        view = memoryview(chunk)
+        while view:
+            view = view[os.write(descriptor, view) :]
 
 
 def _long_time(time_ns: int) -> str:
