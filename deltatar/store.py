@@ -536,6 +536,10 @@ def _backend_for(location: str | os.PathLike[str]) -> Backend:
     return open_backend(text)
 
 
+# How long creating a store waits for a writer that found it first.
+CREATE_LOCK_TIMEOUT = 60.0
+
+
 def _create_remote(backend: Backend) -> None:
     """Write a store header under an empty prefix, unless a store is there.
 
@@ -553,6 +557,22 @@ def _create_remote(backend: Backend) -> None:
     with contextlib.suppress(StoreChanged):
         backend.put_bytes(HEADER_NAME, _header_document())
         logger.info("created store %s", backend.location)
+    _write_empty_head(backend)
+
+
+def _write_empty_head(backend: Backend) -> None:
+    """Give a new store a head with no visits.
+
+    From then on a missing head always means damage: objects left by an
+    interrupted first append are leftovers named by no head, which the next
+    writer tidies, while a store that lost its head is refused.  A second
+    creator racing this one, or a writer that already committed a visit,
+    finds the head written and leaves it; the writer lock keeps that check
+    and the write together.
+    """
+    with backend.writer_lock(CREATE_LOCK_TIMEOUT, "create store"):
+        with contextlib.suppress(StoreChanged):
+            backend.swap_head(head_module.encode(Head()), None)
 
 
 def _header_document() -> bytes:
@@ -569,7 +589,9 @@ def _create_local(path: Path) -> None:
     path.mkdir(parents=True, exist_ok=True)
     for kind in OBJECT_DIRS:
         (path / kind).mkdir(exist_ok=True)
-    LocalBackend(path).put_bytes(HEADER_NAME, _header_document())
+    backend = LocalBackend(path)
+    backend.put_bytes(HEADER_NAME, _header_document())
+    _write_empty_head(backend)
     logger.info("created store %s", path)
 
 

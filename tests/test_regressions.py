@@ -558,3 +558,20 @@ def test_bucket_store_that_lost_its_head_is_refused_not_emptied(tmp_path: Path) 
         ]
     finally:
         server.stop()
+
+
+def test_leftovers_of_an_interrupted_first_append_are_tidied(tmp_path: Path) -> None:
+    # A new store gets a head with no visits, so what a first append killed
+    # before its commit left behind is a leftover, not a store that lost its
+    # head: the next append tidies it and records visit 1.
+    visits = Visits(tmp_path)
+    Store.open_or_create(visits.store)
+    leftover = visits.store / "layers" / "v000001-0123456789ab.tar.zst"
+    leftover.write_bytes(b"half-written layer")
+    (visits.src / "a").write_text("a\n")
+
+    visits.append()
+
+    assert not leftover.exists()
+    assert [record.visit for record in Store.open(visits.store).visits()] == [1]
+    assert run_cli("verify", "--store", visits.store).returncode == 0
