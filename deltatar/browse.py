@@ -125,9 +125,11 @@ def describe_visit(store, visit) -> VisitDetail:
         head = store.read_head()
         record = head.resolve(visit, store.location)
         earlier = [r for r in head.visits if r.visit < record.visit]
+        # After compaction dropped the base, the oldest kept visit (a delta
+        # that retains the old layers) is where the chain starts.
         base = next(
             (r.visit for r in reversed(earlier + [record]) if r.kind == "base"),
-            record.visit,
+            head.visits[0].visit,
         )
         if not earlier:
             return VisitDetail(record, base, None, [])

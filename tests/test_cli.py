@@ -197,6 +197,16 @@ def test_show_describes_a_visit_and_its_changes(history: History) -> None:
     assert document["changes"]["mode"] == 1 and document["changes"]["changed"] == 1
 
 
+def test_show_names_the_oldest_kept_visit_as_base_after_the_base_is_dropped(
+    history: History,
+) -> None:
+    # Dropping visits 1 and 2 leaves visit 3, a delta, at the start of the chain.
+    history.run("compact", "--keep-last", "2")
+
+    assert history.json("show", "3")["base"] == 3
+    assert history.json("show", "4")["base"] == 3
+
+
 # -- diff ------------------------------------------------------------------------
 
 
