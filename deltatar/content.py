@@ -23,6 +23,7 @@ from typing import Any
 
 import pyzstd
 import xxhash
+from backports import zstd
 
 from .backend import Backend
 from .errors import CorruptStore
@@ -165,13 +166,50 @@ def make_patch(data: bytes, reference: bytes | pyzstd.ZstdDict, level: int) -> b
     ``reference`` may be a prepared :func:`prefix_of` to avoid copying a
     large reference again.
     """
-    options = {
+    return pyzstd.compress(data, _patch_options(level), _prefix(reference))
+
+
+def compress_chunks(
+    chunks: list[bytearray], reference: pyzstd.ZstdDict | None = None
+) -> bytes:
+    """One checksummed zstd frame of ``chunks``, emptying the list as it goes.
+
+    Given a ``reference``, the frame is a patch against it, as from
+    :func:`make_patch`.  Compressing in one call would allocate an output
+    buffer as large as the input and keep the input alive until the end;
+    fed a chunk at a time, with the total size pledged so that zstd's own
+    window is no larger than the input, a manifest of 200,000 files costs
+    one copy of its bytes instead of three.
+    """
+    options = (
+        _patch_options(3)
+        if reference is not None
+        else {
+            pyzstd.CParameter.compressionLevel: 3,
+            pyzstd.CParameter.checksumFlag: 1,
+        }
+    )
+    compressor = zstd.ZstdCompressor(
+        options=options,
+        zstd_dict=None if reference is None else reference.as_prefix,
+    )
+    compressor.set_pledged_input_size(sum(len(chunk) for chunk in chunks))
+    output = []
+    for number, chunk in enumerate(chunks):
+        output.append(compressor.compress(chunk))
+        chunks[number] = bytearray()
+    output.append(compressor.flush())
+    chunks.clear()
+    return b"".join(output)
+
+
+def _patch_options(level: int) -> dict[int, int]:
+    return {
         pyzstd.CParameter.compressionLevel: max(level, 3),
         pyzstd.CParameter.windowLog: PATCH_WINDOW_LOG,
         pyzstd.CParameter.enableLongDistanceMatching: 1,
         pyzstd.CParameter.checksumFlag: 1,
     }
-    return pyzstd.compress(data, options, _prefix(reference))
 
 
 def prefix_of(reference: bytes) -> pyzstd.ZstdDict:

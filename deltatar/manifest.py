@@ -28,6 +28,7 @@ from .errors import CorruptStore
 from .formats import check_document
 
 MANIFEST_VERSION = 1
+ENCODED_CHUNK_BYTES = 1024 * 1024
 
 FILE = "file"
 DIRECTORY = "dir"
@@ -189,10 +190,21 @@ def path_sort_key(entry: Entry) -> bytes:
 
 
 def encode(manifest: Manifest) -> bytearray:
-    """Serialise a manifest as JSON lines: a header, then one line per entry.
+    """Serialise a manifest as JSON lines: a header, then one line per entry."""
+    document = bytearray()
+    for chunk in encode_chunks(manifest):
+        document += chunk
+    return document
 
-    One line per entry keeps encoding and decoding free of a second, whole
-    copy of the manifest as Python objects, which matters at 200,000 files.
+
+def encode_chunks(manifest: Manifest, drop_entries: bool = False) -> list[bytearray]:
+    """The bytes of :func:`encode` as a list of buffers of about a MiB each.
+
+    A compressor fed one buffer at a time can let each go as it passes, so
+    a manifest of 200,000 files is never held twice as bytes.  One line per
+    entry keeps encoding free of a second, whole copy as Python objects.
+    With ``drop_entries`` each entry is let go once it is encoded, so the
+    entries shrink as the bytes grow, and the manifest is left empty.
     """
     header = {
         "format": "deltatar-manifest",
@@ -203,15 +215,23 @@ def encode(manifest: Manifest) -> bytearray:
         "info": manifest.info,
         "entries": len(manifest.entries),
     }
-    # One growing buffer: orjson's output objects keep spare capacity, so a
-    # list of one object per line would cost several KiB per entry.
-    document = bytearray(orjson.dumps(header))
+    # Growing buffers: orjson's output objects keep spare capacity, so a list
+    # of one object per line would cost several KiB per entry.
+    chunks = [bytearray(orjson.dumps(header))]
+    entries = manifest.entries
+    if drop_entries:
+        manifest.entries = []
     with gc_paused():
-        for entry in manifest.entries:
-            document += b"\n"
-            document += orjson.dumps(_entry_to_json(entry))
-    document += b"\n"
-    return document
+        for number, entry in enumerate(entries):
+            if len(chunks[-1]) >= ENCODED_CHUNK_BYTES:
+                chunks.append(bytearray())
+            chunk = chunks[-1]
+            chunk += b"\n"
+            chunk += orjson.dumps(_entry_to_json(entry))
+            if drop_entries:
+                entries[number] = None  # type: ignore[call-overload]
+    chunks[-1] += b"\n"
+    return chunks
 
 
 def decode(data: bytes, source: str) -> Manifest:

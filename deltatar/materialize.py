@@ -45,7 +45,7 @@ logger = logging.getLogger(__name__)
 MAX_FILE_SIZE = 1 << 50
 # Files up to this size are held whole in memory and queued for the writer.
 QUEUED_FILE_LIMIT = 8 * 1024 * 1024
-WRITER_THREADS = 4
+WRITER_THREADS = 2
 IS_ROOT = os.geteuid() == 0
 # Called as (files done, files in all, bytes done, bytes in all).
 Progress = Callable[[int, int, int, int], None]

@@ -9,25 +9,27 @@ so without help the freed pages would count in the peak a second time.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
+import functools
 
 
-def _load_trim():
-    """glibc's ``malloc_trim``, or None where the C library lacks it."""
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return None
+@functools.cache
+def _trim():
+    """glibc's ``malloc_trim``, or None where the C library lacks it.
+
+    Looked up on first use: ctypes costs a few milliseconds to import,
+    which a command that never frees much should not pay.  The symbols the
+    interpreter already has loaded include the C library's.
+    """
+    import ctypes
+
     try:
-        return ctypes.CDLL(name).malloc_trim
+        return ctypes.CDLL(None).malloc_trim
     except (OSError, AttributeError):
         return None
 
 
-_TRIM = _load_trim()
-
-
 def release_free_memory() -> None:
     """Return the allocator's free pages to the system (where it can)."""
-    if _TRIM is not None:
-        _TRIM(0)
+    trim = _trim()
+    if trim is not None:
+        trim(0)

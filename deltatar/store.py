@@ -36,12 +36,13 @@ from . import head as head_module
 from . import manifest as manifest_module
 from . import policy as policy_module
 from .backend import Backend, LocalBackend
-from .content import apply_patch, make_patch, prefix_of, validate
+from .content import apply_patch, compress_chunks, prefix_of, validate
 from .delta import Settings
 from .errors import CorruptStore, StoreChanged, StoreNotFound, UsageError
 from .formats import check_document
 from .head import Head, VisitRecord
 from .manifest import Manifest, StoredContent, gc_paused
+from .memory import release_free_memory
 from .policy import Policy
 
 if TYPE_CHECKING:
@@ -219,32 +220,45 @@ class Store:
         """
         self._prefix_cache = {}
 
-    def save_manifest(self, manifest: Manifest, reference: str) -> tuple[str, int, str]:
+    def save_manifest(
+        self, manifest: Manifest, reference: str, drop_entries: bool = False
+    ) -> tuple[str, int, str]:
         """Store a manifest, as a patch against ``reference`` when that pays.
 
         Consecutive manifests differ in a few lines, so a zstd patch against
         the last full manifest costs bytes in proportion to what changed.
         The reference is always a full manifest: reading one never takes
         more than two objects.  Returns (name, stored bytes, reference used).
+
+        With ``drop_entries`` the manifest lets its entries go once they are
+        encoded: a caller done with them saves holding 200,000 entries as
+        objects and as bytes at once.
         """
         name = self.new_object_name("manifests", manifest.visit, ".json.zst")
         # The reference is prepared first: preparing it briefly takes two
         # copies of it, and the encoded manifest need not exist by then.
-        # TODO: the encoded manifest and its reference are whole copies at
-        # once (about 55 MB each at 200,000 files).  Feeding zstd line by line
-        # does not help: its window then holds the same bytes.  Several patch
-        # frames against the same prefix would, at a format change.
         prefix = self._manifest_prefix(reference) if reference else None
-        raw = manifest_module.encode(manifest)
+        chunks = manifest_module.encode_chunks(manifest, drop_entries)
+        if drop_entries:
+            release_free_memory()
         if prefix is not None:
-            patch = make_patch(raw, prefix, 3)
+            patch = compress_chunks(chunks, prefix)
             if len(patch) <= PATCHED_MANIFEST_SHARE * self.backend.size(reference):
                 self.backend.put_bytes(name, patch)
                 return name, len(patch), reference
-        return name, self.put_compressed(name, raw), ""
+            # Rare (the reference is the last full manifest), so the bytes
+            # are rebuilt from the patch rather than kept through it.
+            chunks = [bytearray(apply_patch(patch, prefix, None, name))]
+        compressed = compress_chunks(chunks)
+        self.backend.put_bytes(name, compressed)
+        return name, len(compressed), ""
 
     def save_visit(
-        self, manifest: Manifest, departed: dict[str, StoredContent], previous_record
+        self,
+        manifest: Manifest,
+        departed: dict[str, StoredContent],
+        previous_record,
+        drop_entries: bool = False,
     ) -> tuple[str, str, str, int]:
         """Store a visit's manifest and the contents that left the tree at it.
 
@@ -253,7 +267,9 @@ class Store:
         reference = ""
         if previous_record is not None:
             reference = previous_record.manifest_reference or previous_record.manifest
-        manifest_name, manifest_bytes, used = self.save_manifest(manifest, reference)
+        manifest_name, manifest_bytes, used = self.save_manifest(
+            manifest, reference, drop_entries
+        )
         contents_name, contents_bytes = self.save_departed(manifest.visit, departed)
         return manifest_name, used, contents_name, manifest_bytes + contents_bytes
 

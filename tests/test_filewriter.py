@@ -60,3 +60,22 @@ def test_a_symlink_in_place_of_the_file_is_not_followed(tmp_path: Path) -> None:
     with pytest.raises(OSError):
         writer.finish()
     assert outside.read_bytes() == b"untouched"
+
+
+@pytest.mark.parametrize("threads", [0, 1, 2])
+def test_batches_of_mixed_sizes_are_written_on_any_thread_count(
+    tmp_path: Path, threads: int
+) -> None:
+    """Files go to the threads in batches; every file of every batch lands."""
+    sizes = [0, 1, 300_000, 5, 2_000_000, 64, 70_000] * 40
+    writer = FileWriter(threads=threads)
+    for number, size in enumerate(sizes):
+        data = bytes([number % 251]) * size
+        writer.submit(str(tmp_path / f"f{number}"), [data], size, 0o640, MTIME_NS, None)
+    writer.finish()
+
+    for number, size in enumerate(sizes):
+        written = tmp_path / f"f{number}"
+        assert written.read_bytes() == bytes([number % 251]) * size
+        assert written.stat().st_mtime_ns == MTIME_NS
+        assert written.stat().st_mode & 0o7777 == 0o640
