@@ -21,8 +21,15 @@ from .content import ContentSource
 from .delta import RESERVED_PREFIX, LayerBuilder, Settings
 from .errors import UsageError
 from .head import VisitRecord
-from .layer import LayerWriter
-from .manifest import FILE, Entry, Manifest, StoredContent, departed_contents
+from .layer import FrameCache, LayerWriter
+from .manifest import (
+    FILE,
+    Entry,
+    Manifest,
+    StoredContent,
+    departed_contents,
+    departed_document,
+)
 from .memory import release_free_memory
 from .nested import find_nested_archives, suggested_pattern
 from .scan import (
@@ -39,6 +46,9 @@ from .scan import (
 logger = logging.getLogger(__name__)
 
 READ_ATTEMPTS = 3
+# Old versions of changed files are read in path order, which is mostly the
+# order their layers hold them in, so a few frames of cache serve them.
+APPEND_FRAME_CACHE_BYTES = 16 * 1024 * 1024
 # Called as (files done, files in all, bytes done, bytes in all).
 Progress = Callable[[int, int, int, int], None]
 
@@ -70,8 +80,11 @@ def append_visit(
     _check_source(src, store)
     with store.writing(f"append {src}") as (head, token):
         visit = head.next_visit
-        previous = store.load_manifest(head.latest()) if head.visits else None
-        store.forget_manifest_prefix()
+        previous = (
+            store.load_manifest(head.latest(), keep_reference=False)
+            if head.visits
+            else None
+        )
         scan_started = time.time_ns()
         own_store = store.local_path
         result = scan(src, own_store, exclusion_spec(src, list(excludes)), strict)
@@ -110,7 +123,7 @@ class _WrittenLayer:
     entries: list[Entry]
     counts: Counts
     tombstones: int
-    departed: dict[str, StoredContent]
+    departed: bytes
     racy_window: int
 
 
@@ -123,6 +136,7 @@ def _write_layer(
     progress: Progress | None,
 ) -> _WrittenLayer:
     """Record every entry into the builder's layer and finish the layer file."""
+    window = racy_window(result.found)
     try:
         entries, counts = _record_entries(
             src, result.found, previous, builder, checksum, progress
@@ -138,8 +152,8 @@ def _write_layer(
         entries,
         counts,
         len(tombstones),
-        _departed(previous, entries),
-        racy_window(result.found),
+        departed_document(_departed(previous, entries)),
+        window,
     )
     # Release the walk, the previous visit's entries and the dedup index
     # before the manifest is encoded: at 200,000 files the walk and the
@@ -233,7 +247,7 @@ def _builder(store, head, previous: Manifest | None, layer_name: str) -> LayerBu
     )
     is_base = previous is None
     index = {} if is_base else (lambda: store.content_index(head, previous))
-    source = ContentSource(store.backend)
+    source = ContentSource(store.backend, FrameCache(APPEND_FRAME_CACHE_BYTES))
     return LayerBuilder(writer, layer_name, is_base, index, source, settings)
 
 

@@ -102,6 +102,21 @@ def departed_contents(
     }
 
 
+def departed_document(departed: dict[str, StoredContent]) -> bytes:
+    """The contents list of a visit as it is stored, before compression.
+
+    An append encodes it as soon as it is known: the few recipes it names
+    belong to the previous visit's entries, and holding them as objects
+    would keep the memory of all those entries from going back to the
+    system while the new manifest is saved.
+    """
+    document = {
+        content_id: [stored.size, stored.recipe, stored.block_ids]
+        for content_id, stored in departed.items()
+    }
+    return orjson.dumps(document)
+
+
 def _held_ids(entries: list[Entry]) -> set[str]:
     """The keys :func:`content_index_of` would give, without building it."""
     held: set[str] = set()

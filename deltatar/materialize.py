@@ -77,8 +77,7 @@ def materialize_visit(
     with store.backend.reader_guard():
         head = store.read_head()
         record = head.resolve(visit, store.location)
-        manifest = store.load_manifest(record)
-        store.forget_manifest_prefix()
+        manifest = store.load_manifest(record, keep_reference=False)
         if manifest.tree_digest() != record.tree_digest:
             raise CorruptStore(
                 f"visit {record.visit}: manifest {record.manifest} does not match "

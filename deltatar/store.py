@@ -41,7 +41,7 @@ from .delta import Settings
 from .errors import CorruptStore, StoreChanged, StoreNotFound, UsageError
 from .formats import check_document
 from .head import Head, VisitRecord
-from .manifest import Manifest, StoredContent, gc_paused
+from .manifest import Manifest, StoredContent, departed_document, gc_paused
 from .memory import release_free_memory
 from .policy import Policy
 
@@ -202,8 +202,18 @@ class Store:
         """The store's directory, or None for a store that is not a directory."""
         return getattr(self.backend, "root", None)
 
-    def load_manifest(self, record: VisitRecord) -> Manifest:
+    def load_manifest(
+        self, record: VisitRecord, keep_reference: bool = True
+    ) -> Manifest:
+        """The manifest of ``record``'s visit, checked against the head.
+
+        The full manifest a patched one was read against is kept for the
+        next read; a caller that reads only one passes ``keep_reference``
+        False, so the reference is gone before the entries are built.
+        """
         data = self._manifest_bytes(record.manifest, record.manifest_reference)
+        if not keep_reference:
+            self.forget_manifest_prefix()
         manifest = manifest_module.decode(data, record.manifest)
         if manifest.visit != record.visit:
             raise CorruptStore(
@@ -256,7 +266,7 @@ class Store:
     def save_visit(
         self,
         manifest: Manifest,
-        departed: dict[str, StoredContent],
+        departed: dict[str, StoredContent] | bytes,
         previous_record,
         drop_entries: bool = False,
     ) -> tuple[str, str, str, int]:
@@ -290,18 +300,16 @@ class Store:
         return departed
 
     def save_departed(
-        self, visit: int, departed: dict[str, StoredContent]
+        self, visit: int, departed: dict[str, StoredContent] | bytes
     ) -> tuple[str, int]:
-        """Store the contents that left the tree at ``visit`` (see content_index)."""
-        document = {
-            content_id: [stored.size, stored.recipe, stored.block_ids]
-            for content_id, stored in departed.items()
-        }
+        """Store the contents that left the tree at ``visit`` (see content_index).
+
+        ``departed`` may come already encoded by :func:`departed_document`.
+        """
+        if not isinstance(departed, bytes):
+            departed = departed_document(departed)
         name = self.new_object_name("contents", visit, ".json.zst")
-        size = self.put_compressed(
-            name, json.dumps(document, separators=(",", ":")).encode()
-        )
-        return name, size
+        return name, self.put_compressed(name, departed)
 
     def content_index(self, head: Head, latest: Manifest) -> dict[str, StoredContent]:
         """Every content any kept visit holds: the dedup index of an append.
