@@ -29,6 +29,8 @@ from .manifest import (
     StoredContent,
     departed_contents,
     departed_document,
+    detach,
+    shared_int,
 )
 from .memory import release_free_memory
 from .nested import find_nested_archives, suggested_pattern
@@ -80,6 +82,10 @@ def append_visit(
     _check_source(src, store)
     with store.writing(f"append {src}") as (head, token):
         visit = head.next_visit
+        # Loaded now, before the previous visit's entries fill memory: what
+        # a first use allocates later would land among them and keep their
+        # memory from going back to the system once they are let go.
+        release_free_memory()
         previous = (
             store.load_manifest(head.latest(), keep_reference=False)
             if head.visits
@@ -87,11 +93,17 @@ def append_visit(
         )
         scan_started = time.time_ns()
         own_store = store.local_path
-        result = scan(src, own_store, exclusion_spec(src, list(excludes)), strict)
-        guard_nested_archives(src, result, previous, head, exclude_nested_archives)
+        previous_entries = previous.by_path() if previous else {}
+        spec = exclusion_spec(src, list(excludes))
+        result = scan(src, own_store, spec, strict, previous_entries)
+        guard_nested_archives(
+            src, result, previous_entries, head, exclude_nested_archives
+        )
         layer_name = store.new_object_name("layers", visit, ".tar.zst")
         builder = _builder(store, head, previous, layer_name)
-        written = _write_layer(src, result, previous, builder, checksum, progress)
+        written = _write_layer(
+            src, result, previous, previous_entries, builder, checksum, progress
+        )
         store.backend.put_file(layer_name, builder.writer.path)
         root = src.stat()
         info = {
@@ -131,6 +143,7 @@ def _write_layer(
     src: Path,
     result,
     previous: Manifest | None,
+    previous_entries: dict[str, Entry],
     builder: LayerBuilder,
     checksum: bool,
     progress: Progress | None,
@@ -139,7 +152,7 @@ def _write_layer(
     window = racy_window(result.found)
     try:
         entries, counts = _record_entries(
-            src, result.found, previous, builder, checksum, progress
+            src, result.found, previous, previous_entries, builder, checksum, progress
         )
         tombstones = tombstones_between(previous, entries)
         write_tombstones(builder, tombstones)
@@ -159,10 +172,10 @@ def _write_layer(
     # before the manifest is encoded: at 200,000 files the walk and the
     # entries hold about 100 MiB each, the index about 25 MiB.
     result.found = []
+    previous_entries.clear()
     builder.forget_index()
     if previous is not None:
         previous.entries = []
-        previous.forget_content_index()
     release_free_memory()
     return written
 
@@ -205,13 +218,14 @@ def _check_source(src: Path, store) -> None:
         raise UsageError(f"{src}: source lies inside the store {store.location}")
 
 
-def guard_nested_archives(src: Path, result, previous, head, skip: bool) -> None:
+def guard_nested_archives(
+    src: Path, result, previous_entries: dict[str, Entry], head, skip: bool
+) -> None:
     """Warn about archives of the tree inside the tree, or drop them with ``skip``.
 
     Shared with ``append --dry-run`` so that a preview leaves out what the
     real append would leave out.
     """
-    previous_entries = previous.by_path() if previous else {}
     tree_bytes = head.latest().tree_bytes if head.visits else 0
     nested = find_nested_archives(
         src, result.found, previous_entries, tree_bytes, only_changed=not skip
@@ -255,11 +269,11 @@ def _record_entries(
     src: Path,
     found: list[Found],
     previous: Manifest | None,
+    previous_entries: dict[str, Entry],
     builder: LayerBuilder,
     checksum: bool,
     progress: Progress | None,
 ) -> tuple[list[Entry], Counts]:
-    previous_entries = previous.by_path() if previous else {}
     previous_scan = previous.scan_started_ns if previous else 0
     window = (
         int(previous.info.get("racy_window_ns", COARSE_RACY_WINDOW_NS))
@@ -296,7 +310,7 @@ def _record_entries(
             # set of entries, not two, while the new manifest is written.
             entry = old
         elif not builder.is_base:
-            detach_from_walk(entry)
+            detach(entry)
         entries.append(entry)
         _count(counts, old, entry)
         if progress is not None:
@@ -304,32 +318,12 @@ def _record_entries(
     return entries, counts
 
 
-def detach_from_walk(entry: Entry) -> None:
-    """Give a new entry its own copies of the objects it took from the walk.
-
-    The walk's objects for 200,000 paths fill hundreds of allocator arenas,
-    and an arena goes back to the system only once every object in it is
-    gone.  The few entries a later visit adds or changes would otherwise
-    keep nearly all of those arenas alive, about 100 MiB, long after the
-    walk itself was released.
-    """
-    entry.path = entry.path.encode("utf-8", "surrogateescape").decode(
-        "utf-8", "surrogateescape"
-    )
-    entry.mtime_ns += 0
-    entry.size += 0
-    if entry.ctime_ns is not None:
-        entry.ctime_ns += 0
-    if entry.inode is not None:
-        entry.inode += 0
-
-
 def _entry_for(item: Found) -> Entry:
     info = item.stat
     entry = Entry(
         path=item.path,
         type=item.type,
-        mode=stat.S_IMODE(info.st_mode),
+        mode=shared_int(stat.S_IMODE(info.st_mode)),
         mtime_ns=info.st_mtime_ns,
         target=item.target,
     )

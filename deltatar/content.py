@@ -35,6 +35,7 @@ ZERO = "zero"
 PATCH = "patch"
 PATCH_WINDOW_LOG = 27
 MAX_PATCH_REFERENCE = 1 << PATCH_WINDOW_LOG
+EMPTY = b""
 
 
 def content_id(data: bytes) -> str:
@@ -170,7 +171,7 @@ def make_patch(data: bytes, reference: bytes | pyzstd.ZstdDict, level: int) -> b
 
 
 def compress_chunks(
-    chunks: list[bytearray], reference: pyzstd.ZstdDict | None = None
+    chunks: list[bytes | bytearray], reference: pyzstd.ZstdDict | None = None
 ) -> bytes:
     """One checksummed zstd frame of ``chunks``, emptying the list as it goes.
 
@@ -197,7 +198,9 @@ def compress_chunks(
     output = []
     for number, chunk in enumerate(chunks):
         output.append(compressor.compress(chunk))
-        chunks[number] = bytearray()
+        # A constant, not a new object: a new small object lands in whatever
+        # allocator arena has room, and would keep that arena alive.
+        chunks[number] = EMPTY
     output.append(compressor.flush())
     chunks.clear()
     return b"".join(output)

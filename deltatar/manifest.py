@@ -28,7 +28,7 @@ from .errors import CorruptStore
 from .formats import check_document
 
 MANIFEST_VERSION = 1
-ENCODED_CHUNK_BYTES = 1024 * 1024
+ENCODED_CHUNK_BYTES = 8 * 1024 * 1024
 
 FILE = "file"
 DIRECTORY = "dir"
@@ -75,31 +75,39 @@ class StoredContent:
     block_ids: list[str] | None = None
 
 
-def content_index_of(entries: list[Entry]) -> dict[str, StoredContent]:
-    """Every content (and block) the entries of one visit can rebuild, by id."""
+def content_index_of(
+    entries: list[Entry], leave_out: set[str] | frozenset[str] = frozenset()
+) -> dict[str, StoredContent]:
+    """Every content (and block) the entries of one visit can rebuild, by id.
+
+    Ids in ``leave_out`` are not indexed.
+    """
     index: dict[str, StoredContent] = {}
     for entry in entries:
         if entry.type != FILE or entry.recipe is None or entry.content_id is None:
             continue
-        index[entry.content_id] = StoredContent(
-            entry.size, entry.recipe, entry.block_ids
-        )
+        if entry.content_id not in leave_out:
+            index[entry.content_id] = StoredContent(
+                entry.size, entry.recipe, entry.block_ids
+            )
         for block_id, piece in zip(entry.block_ids or (), entry.recipe, strict=False):
             if block_id != "zero" and block_id not in index:
-                index[block_id] = StoredContent(int(piece[3]), [piece])
+                if block_id not in leave_out:
+                    index[block_id] = StoredContent(int(piece[3]), [piece])
     return index
 
 
 def departed_contents(
     previous: Manifest | None, entries: list[Entry]
 ) -> dict[str, StoredContent]:
-    """Contents of the previous visit that no entry of this visit holds."""
+    """Contents of the previous visit that no entry of this visit holds.
+
+    Built without the previous visit's whole index: at 200,000 files that
+    index is tens of MiB, and only the few contents that left are kept.
+    """
     if previous is None:
         return {}
-    now = _held_ids(entries)
-    return {
-        key: value for key, value in previous.content_index().items() if key not in now
-    }
+    return content_index_of(previous.entries, leave_out=_held_ids(entries))
 
 
 def departed_document(departed: dict[str, StoredContent]) -> bytes:
@@ -138,9 +146,6 @@ class Manifest:
     scan_started_ns: int = 0
     info: dict[str, Any] = field(default_factory=dict)
     _digest: str | None = field(default=None, repr=False, compare=False)
-    _index: dict[str, StoredContent] | None = field(
-        default=None, repr=False, compare=False
-    )
 
     def by_path(self) -> dict[str, Entry]:
         return {entry.path: entry for entry in self.entries}
@@ -150,16 +155,6 @@ class Manifest:
         if self._digest is None:
             self._digest = tree_digest(self.entries)
         return self._digest
-
-    def content_index(self) -> dict[str, StoredContent]:
-        """Every content this visit can rebuild, computed once."""
-        if self._index is None:
-            self._index = content_index_of(self.entries)
-        return self._index
-
-    def forget_content_index(self) -> None:
-        """Drop the cached index (a quarter of the entries' memory)."""
-        self._index = None
 
 
 @contextlib.contextmanager
@@ -192,6 +187,56 @@ def tree_digest(entries: list[Entry]) -> str:
     return digest.hexdigest()
 
 
+_SHARED_INTS: dict[int, int] = {}
+SHARED_INTS_LIMIT = 65536
+
+
+def shared_int(value: int) -> int:
+    """One object per value for numbers that repeat across a tree.
+
+    Modes, owners and devices take few values, but every stat returns
+    them as new objects; at 200,000 paths the copies cost megabytes.
+    """
+    shared = _SHARED_INTS.get(value)
+    if shared is not None:
+        return shared
+    if len(_SHARED_INTS) < SHARED_INTS_LIMIT:
+        _SHARED_INTS[value] = value
+    return value
+
+
+def detach(entry: Entry) -> None:
+    """Give a new entry its own copies of everything it shares with others.
+
+    A walk or a manifest of 200,000 paths fills hundreds of allocator
+    arenas, and an arena goes back to the system only once every object in
+    it is gone.  The few entries a later visit adds or changes take their
+    path and numbers from the walk and, for a patch, a recipe from the
+    previous visit; kept as they are, they would hold nearly all of those
+    arenas, some 100 MiB, long after the walk and the previous visit's
+    entries were let go.
+    """
+    entry.path = _copy_text(entry.path)
+    entry.mtime_ns += 0
+    entry.size += 0
+    if entry.ctime_ns is not None:
+        entry.ctime_ns += 0
+    if entry.inode is not None:
+        entry.inode += 0
+    if entry.recipe is not None:
+        entry.recipe = _interned(orjson.loads(orjson.dumps(entry.recipe)))
+    if entry.block_ids is not None:
+        entry.block_ids = orjson.loads(orjson.dumps(entry.block_ids))
+    if entry.target is not None:
+        entry.target = _copy_text(entry.target)
+    if entry.hardlink_of is not None:
+        entry.hardlink_of = _copy_text(entry.hardlink_of)
+
+
+def _copy_text(text: str) -> str:
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "surrogateescape")
+
+
 def visit_path(text: str) -> str:
     """A path as the user typed it, as the manifest spells it.
 
@@ -213,7 +258,7 @@ def encode(manifest: Manifest) -> bytearray:
 
 
 def encode_chunks(manifest: Manifest, drop_entries: bool = False) -> list[bytearray]:
-    """The bytes of :func:`encode` as a list of buffers of about a MiB each.
+    """The bytes of :func:`encode` as a list of buffers of about 8 MiB each.
 
     A compressor fed one buffer at a time can let each go as it passes, so
     a manifest of 200,000 files is never held twice as bytes.  One line per
@@ -337,6 +382,11 @@ def _entry_from_json(item: dict[str, Any]) -> Entry:
     for name in _OPTIONAL_FIELDS:
         if name in item:
             setattr(entry, name, int(item[name]))
+    entry.mode = shared_int(entry.mode)
+    if entry.ctime_ns == entry.mtime_ns:
+        entry.ctime_ns = entry.mtime_ns
+    if entry.uid is not None and entry.gid is not None:
+        entry.uid, entry.gid = shared_int(entry.uid), shared_int(entry.gid)
     return entry
 
 

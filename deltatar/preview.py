@@ -75,7 +75,8 @@ def preview_append(
     _check_source(src, store_path)
     head, previous, known = _latest(store)
     result = scan(src, store_path, exclusion_spec(src, list(excludes)), False)
-    guard_nested_archives(src, result, previous, head, exclude_nested_archives)
+    old_entries = previous.by_path() if previous else {}
+    guard_nested_archives(src, result, old_entries, head, exclude_nested_archives)
     preview = Preview(head.next_visit, problems=list(result.problems))
     entries = _compare(src, result.found, previous, known, checksum, preview, progress)
     preview.deleted = _deleted(previous, entries)

@@ -245,12 +245,12 @@ class Store:
         objects and as bytes at once.
         """
         name = self.new_object_name("manifests", manifest.visit, ".json.zst")
-        # The reference is prepared first: preparing it briefly takes two
-        # copies of it, and the encoded manifest need not exist by then.
-        prefix = self._manifest_prefix(reference) if reference else None
         chunks = manifest_module.encode_chunks(manifest, drop_entries)
         if drop_entries:
             release_free_memory()
+        # Prepared once the entries are gone: preparing it briefly takes two
+        # copies of a whole manifest.
+        prefix = self._manifest_prefix(reference) if reference else None
         if prefix is not None:
             patch = compress_chunks(chunks, prefix)
             if len(patch) <= PATCHED_MANIFEST_SHARE * self.backend.size(reference):
@@ -322,7 +322,7 @@ class Store:
         index: dict[str, StoredContent] = {}
         for record in head.visits:
             index.update(self.load_departed(record))
-        index.update(latest.content_index())
+        index.update(manifest_module.content_index_of(latest.entries))
         return index
 
     def put_compressed(self, name: str, data: bytes) -> int:

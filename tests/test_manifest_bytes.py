@@ -14,6 +14,7 @@ import pyzstd
 from conftest import tree_state
 
 from deltatar import Store
+from deltatar import manifest as manifest_module
 from deltatar.content import apply_patch, compress_chunks, prefix_of
 from deltatar.manifest import (
     FILE,
@@ -42,7 +43,8 @@ def _manifest(count: int, seed: int = 3) -> Manifest:
     return Manifest(visit=7, entries=entries, info={"message": "chunks"})
 
 
-def test_chunks_join_to_the_whole_encoding() -> None:
+def test_chunks_join_to_the_whole_encoding(monkeypatch) -> None:
+    monkeypatch.setattr(manifest_module, "ENCODED_CHUNK_BYTES", 64 * 1024)
     manifest = _manifest(12_000)
     whole = bytes(encode(manifest))
 
@@ -96,7 +98,9 @@ def test_store_reads_back_every_visit_after_chunked_saves(tmp_path: Path) -> Non
     states = []
     for visit in range(1, 5):
         for number in range(300):
-            (src / f"f{number:04d}").write_text(f"{number} {visit if number < 3 else 0}")
+            (src / f"f{number:04d}").write_text(
+                f"{number} {visit if number < 3 else 0}"
+            )
         store.append(src)
         states.append(tree_state(src))
 
