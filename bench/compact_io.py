@@ -56,7 +56,11 @@ def edit_some(
     An edit reverses the file's lines (stored as a small patch), or with
     ``new`` replaces the file with new text of the same size (stored whole).
     """
-    files = sorted(p for p in src.rglob("*.py") if p.is_file())
+    # Regular files only: the copied tree keeps its symlinks, and one may
+    # lead out of it (Debian's sitecustomize.py points into /etc).
+    files = sorted(
+        path for path in src.rglob("*.py") if path.is_file() and not path.is_symlink()
+    )
     for path in rng.sample(files, max(1, int(share * len(files)))):
         data = path.read_bytes()
         if new:

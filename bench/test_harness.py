@@ -14,6 +14,7 @@ import random
 import tarfile
 from pathlib import Path
 
+from bench.compact_io import edit_some
 from bench.ideal import patch_size
 from bench.limits import FloorTracker
 from bench.releases import ReleaseHistory
@@ -95,3 +96,19 @@ def _sdist(path: Path, top: str, files: dict[str, bytes]) -> None:
             info = tarfile.TarInfo(f"{top}/{name}")
             info.size = len(data)
             archive.addfile(info, io.BytesIO(data))
+
+
+def test_compaction_edits_never_write_through_a_symlink(tmp_path: Path) -> None:
+    """The copied tree may hold a symlink leading out of it; edits skip it."""
+    outside = tmp_path / "outside.py"
+    outside.write_bytes(b"# keep me\n")
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "module.py").write_bytes(b"a = 1\nb = 2\n")
+    (src / "linked.py").symlink_to(outside)
+
+    for visit in range(2, 6):
+        edit_some(src, random.Random(visit), 1.0, visit, new=visit % 2 == 0)
+
+    assert outside.read_bytes() == b"# keep me\n"
+    assert (src / "module.py").read_bytes().endswith(b"# visit 5\n")
