@@ -36,6 +36,10 @@ PATCH = "patch"
 PATCH_WINDOW_LOG = 27
 MAX_PATCH_REFERENCE = 1 << PATCH_WINDOW_LOG
 EMPTY = b""
+# zstd's smallest window, and the window from which long-distance matching
+# finds matches the regular match finder would miss.
+MIN_WINDOW_LOG = 10
+LONG_DISTANCE_WINDOW_LOG = 24
 
 
 def content_id(data: bytes) -> str:
@@ -167,7 +171,8 @@ def make_patch(data: bytes, reference: bytes | pyzstd.ZstdDict, level: int) -> b
     ``reference`` may be a prepared :func:`prefix_of` to avoid copying a
     large reference again.
     """
-    return pyzstd.compress(data, _patch_options(level), _prefix(reference))
+    span = len(reference) + len(data)
+    return pyzstd.compress(data, _patch_options(level, span), _prefix(reference))
 
 
 def compress_chunks(
@@ -206,13 +211,26 @@ def compress_chunks(
     return b"".join(output)
 
 
-def _patch_options(level: int) -> dict[int, int]:
-    return {
+def _patch_options(level: int, span: int | None = None) -> dict[int, int]:
+    """Parameters of a patch whose reference and data are ``span`` bytes.
+
+    The window is only as large as the span (None: as large as a patch
+    may use), and long-distance matching only serves windows larger than
+    the regular match finder reaches.  Both matter for the many small
+    patches of an append: each compressor sized for the largest window
+    would clear megabytes of tables for a few KiB of data.
+    """
+    window_log = PATCH_WINDOW_LOG
+    if span is not None:
+        window_log = min(PATCH_WINDOW_LOG, max(MIN_WINDOW_LOG, span.bit_length()))
+    options = {
         pyzstd.CParameter.compressionLevel: max(level, 3),
-        pyzstd.CParameter.windowLog: PATCH_WINDOW_LOG,
-        pyzstd.CParameter.enableLongDistanceMatching: 1,
+        pyzstd.CParameter.windowLog: window_log,
         pyzstd.CParameter.checksumFlag: 1,
     }
+    if window_log >= LONG_DISTANCE_WINDOW_LOG:
+        options[pyzstd.CParameter.enableLongDistanceMatching] = 1
+    return options
 
 
 def prefix_of(reference: bytes) -> pyzstd.ZstdDict:

@@ -61,6 +61,7 @@ RESERVED_PREFIX = ".deltatar"
 SAMPLE_SIZE = 64 * 1024
 MIN_PATCH_SIZE = 4096
 MAX_PIECES = 64
+CLEARLY_SMALL_PATCH_SHARE = 16
 
 
 @dataclass(slots=True)
@@ -208,7 +209,7 @@ class LayerBuilder:
         else:
             reference = self.source.read_all(reference_recipe)
         patch = make_patch(data, reference, self.settings.level)
-        if len(patch) >= 0.8 * _compressed_estimate(data, self.settings.level):
+        if not _patch_pays(patch, data, self.settings.level):
             return None
         name = f"{RESERVED_PREFIX}/patch/{entry.content_id}"
         offset = self.writer.add_member(_blob_info(name, len(patch)), [patch], False)
@@ -406,6 +407,18 @@ def _compressible(data: bytes) -> bool:
         return True
     sample = data[:SAMPLE_SIZE]
     return len(pyzstd.compress(sample, 1)) < 0.9 * len(sample)
+
+
+def _patch_pays(patch: bytes, data: bytes, level: int) -> bool:
+    """True when the patch is clearly smaller than the data compressed alone.
+
+    A patch under a sixteenth of the data wins without compressing the data
+    to compare (real text and code seldom compress below a tenth), which
+    spares the small edits most appends store a second compression.
+    """
+    if len(patch) * CLEARLY_SMALL_PATCH_SHARE <= len(data):
+        return True
+    return len(patch) < 0.8 * _compressed_estimate(data, level)
 
 
 def _compressed_estimate(data: bytes, level: int) -> int:
