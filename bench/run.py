@@ -178,14 +178,13 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--out",
         type=Path,
-        default=BENCH_DIR / "out",
-        help="directory for results.json (default: bench/out)",
+        help="directory for results.json (default: bench/out, bench/out-large)",
     )
     parser.add_argument(
         "--report",
         type=Path,
-        default=BENCH_DIR / "RESULTS.md",
-        help="markdown report to write (default: bench/RESULTS.md)",
+        help="markdown report to write, its plots beside it "
+        "(default: bench/RESULTS.md, bench/large/RESULTS.md)",
     )
     parser.add_argument(
         "--scratch",
@@ -202,6 +201,12 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
     options.size = options.size or "default"
     preset = SIZES[options.size]
+    # A large run reports on its own, so it never replaces the default one.
+    large = options.size == "large"
+    options.out = options.out or BENCH_DIR / ("out-large" if large else "out")
+    options.report = options.report or (
+        BENCH_DIR / "large" / "RESULTS.md" if large else BENCH_DIR / "RESULTS.md"
+    )
     options.visits = options.visits or preset["visits"]
     options.scale = options.scale or preset["scale"]
     options.releases = min(options.releases or preset["releases"], len(RELEASES))

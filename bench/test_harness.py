@@ -18,6 +18,7 @@ from bench.compact_io import edit_some
 from bench.ideal import patch_size
 from bench.limits import FloorTracker
 from bench.releases import ReleaseHistory
+from bench.run import BENCH_DIR, _parse
 from bench.targets import final_numbers
 
 
@@ -112,3 +113,12 @@ def test_compaction_edits_never_write_through_a_symlink(tmp_path: Path) -> None:
 
     assert outside.read_bytes() == b"# keep me\n"
     assert (src / "module.py").read_bytes().endswith(b"# visit 5\n")
+
+
+def test_a_large_run_reports_beside_the_default_one() -> None:
+    default, large = _parse([]), _parse(["--large"])
+
+    assert default.report == BENCH_DIR / "RESULTS.md"
+    assert large.report == BENCH_DIR / "large" / "RESULTS.md"
+    assert large.out != default.out
+    assert large.workload == ["generic"]
