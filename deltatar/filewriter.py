@@ -41,8 +41,8 @@ class FileWriter:
     """
 
     def __init__(self, threads: int = 2) -> None:
-        self._threads = threads
-        self._pool = ThreadPoolExecutor(max_workers=max(1, threads))
+        """``threads`` 0 writes each batch in the caller's thread."""
+        self._pool = ThreadPoolExecutor(max_workers=threads) if threads else None
         self._pending: collections.deque[tuple[Future[None], int]] = collections.deque()
         self._pending_bytes = 0
         self._batch: list[FileJob] = []
@@ -76,14 +76,15 @@ class FileWriter:
         """Stop without waiting for queued files (after an error elsewhere)."""
         for future, _ in self._pending:
             future.cancel()
-        self._pool.shutdown(wait=True)
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
         self._pending.clear()
         self._batch.clear()
 
     def _send_batch(self) -> None:
         if not self._batch:
             return
-        if self._threads == 0:
+        if self._pool is None:
             _write_batch(self._batch)
             self._batch = []
             self._batch_bytes = 0

@@ -41,10 +41,10 @@ ENTRY_TYPES = (FILE, DIRECTORY, SYMLINK, FIFO, CHAR_DEVICE, BLOCK_DEVICE)
 Recipe = list[list[Any]]
 
 
-# TODO: an entry costs about 700 bytes in memory (recipes as nested lists are
-# half of it), so appending 200,000 files peaks near 300 MiB, both while the
-# walk and the previous entries are held and while the new manifest is patched;
-# compact entries (tuples, a columnar manifest) would cut that severalfold.
+# TODO: an entry costs about 650 bytes in memory (a recipe as nested lists is
+# a third of it), the largest share of an append's peak at 200,000 files
+# (278 MiB, with the walk held beside the previous entries); compact entries
+# (tuples, a columnar manifest) would cut that severalfold.
 @dataclass(slots=True)
 class Entry:
     """One path of a visit and everything needed to rebuild it exactly."""
