@@ -259,7 +259,7 @@ def _size_table(rows: list[dict[str, Any]]) -> str:
         cells = [
             str(row["visit"]),
             mib(row["tree_bytes"]),
-            mib(row["ideal"]["ideal_bytes"]),
+            mib((row.get("ideal") or {}).get("ideal_bytes")),
             mib(ideal),
             mib(store),
             ratio,
@@ -457,7 +457,7 @@ def _breakdown(data: dict[str, Any]) -> str:
     log = data.get("deltatar_log") or []
     if not log or "error" in log[0]:
         return "deltatar log: not available."
-    ideal = {row["visit"]: row["ideal"] for row in data["visits"]}
+    ideal = {row["visit"]: row.get("ideal") or {} for row in data["visits"]}
     keys = (
         "new_bytes",
         "full_bytes",
