@@ -42,9 +42,11 @@ Recipe = list[list[Any]]
 
 
 # TODO: an entry costs about 650 bytes in memory (a recipe as nested lists is
-# a third of it), the largest share of an append's peak at 200,000 files
-# (278 MiB, with the walk held beside the previous entries); compact entries
-# (tuples, a columnar manifest) would cut that severalfold.
+# a third of it), the largest share of an append's peak at 200,000 files:
+# 278 MiB on a tree of small files, 351-416 MiB on the benchmark's large run,
+# where new entries share allocator arenas with the temporaries of reading
+# and so keep them resident.  Compact entries (a columnar manifest) would cut
+# that severalfold.
 @dataclass(slots=True)
 class Entry:
     """One path of a visit and everything needed to rebuild it exactly."""
