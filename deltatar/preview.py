@@ -78,7 +78,9 @@ def preview_append(
     old_entries = previous.by_path() if previous else {}
     guard_nested_archives(src, result, old_entries, head, exclude_nested_archives)
     preview = Preview(head.next_visit, problems=list(result.problems))
-    entries = _compare(src, result.found, previous, known, checksum, preview, progress)
+    entries = _compare(
+        src, result.found, previous, old_entries, known, checksum, preview, progress
+    )
     preview.deleted = _deleted(previous, entries)
     preview.entries = len(entries)
     preview.tree_bytes = sum(entry.size for entry in entries if entry.type == FILE)
@@ -112,12 +114,12 @@ def _compare(
     src: Path,
     found: list[Found],
     previous: Manifest | None,
+    old_entries: dict[str, Entry],
     known: set[str],
     checksum: bool,
     preview: Preview,
     progress: Progress | None,
 ) -> list[Entry]:
-    old_entries = previous.by_path() if previous else {}
     since = _racy_check(previous)
     total_bytes = sum(item.stat.st_size for item in found if item.type == FILE)
     done_bytes = 0
