@@ -16,7 +16,7 @@ from .delta import LayerBuilder
 from .errors import NoSpace
 from .head import VisitRecord
 from .layer import LayerWriter
-from .manifest import Manifest, departed_contents
+from .manifest import Manifest, departed_contents, departed_document
 from .relocate import Moves, build_base_entries, map_to_base
 
 SPACE_MARGIN = 1.1
@@ -84,7 +84,7 @@ def rewrite_visits(store, visits, moves, fresh, predecessor_changed, before):
                 record.visit, entries, manifest.scan_started_ns, manifest.info
             )
             reference = records[-1] if records else before
-            names = store.save_visit(rebuilt, departed, reference)
+            names = store.save_visit(rebuilt, departed_document(departed), reference)
             is_base = record.visit in fresh
             records.append(_new_record(record, layer, names, is_base))
             entries = rebuilt.entries

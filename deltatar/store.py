@@ -41,7 +41,7 @@ from .delta import Settings
 from .errors import CorruptStore, StoreChanged, StoreNotFound, UsageError
 from .formats import check_document
 from .head import Head, VisitRecord
-from .manifest import Manifest, StoredContent, departed_document, gc_paused
+from .manifest import Manifest, StoredContent, gc_paused
 from .memory import release_free_memory
 from .policy import Policy
 
@@ -266,11 +266,13 @@ class Store:
     def save_visit(
         self,
         manifest: Manifest,
-        departed: dict[str, StoredContent] | bytes,
+        departed: bytes,
         previous_record,
         drop_entries: bool = False,
     ) -> tuple[str, str, str, int]:
         """Store a visit's manifest and the contents that left the tree at it.
+
+        ``departed`` is the contents list as :func:`departed_document` encodes it.
 
         Returns (manifest name, manifest reference, contents name, bytes).
         """
@@ -299,15 +301,11 @@ class Store:
             ) from None
         return departed
 
-    def save_departed(
-        self, visit: int, departed: dict[str, StoredContent] | bytes
-    ) -> tuple[str, int]:
+    def save_departed(self, visit: int, departed: bytes) -> tuple[str, int]:
         """Store the contents that left the tree at ``visit`` (see content_index).
 
-        ``departed`` may come already encoded by :func:`departed_document`.
+        ``departed`` is the list as :func:`departed_document` encodes it.
         """
-        if not isinstance(departed, bytes):
-            departed = departed_document(departed)
         name = self.new_object_name("contents", visit, ".json.zst")
         return name, self.put_compressed(name, departed)
 
@@ -508,11 +506,7 @@ PLAUSIBLE_RATIO = 256
 
 def compress_checked(data: bytes) -> bytes:
     """zstd with the frame checksum on, so a flipped byte cannot pass unseen."""
-    options = {
-        pyzstd.CParameter.compressionLevel: 3,
-        pyzstd.CParameter.checksumFlag: 1,
-    }
-    return pyzstd.compress(data, options)
+    return compress_chunks([data])
 
 
 def decompress_whole(compressed: bytes) -> bytes | bytearray:
