@@ -57,6 +57,19 @@ def s3_env(server, monkeypatch, tmp_path):
     return server
 
 
+@pytest.fixture
+def own_server(monkeypatch, tmp_path):
+    """A server of the test's own, which it may stop and start again."""
+    server = SeaweedServer(tmp_path / "own-server")
+    server.start()
+    try:
+        for key, value in server.env().items():
+            monkeypatch.setenv(key, value)
+        yield server
+    finally:
+        server.stop()
+
+
 _prefix_count = 0
 
 
@@ -444,72 +457,58 @@ def test_damaged_objects_are_found_by_verify(s3_env, tmp_path, request):
 
 
 @pytest.mark.slow
-def test_server_restarted_mid_append_loses_no_visit(tmp_path, monkeypatch):
-    own = SeaweedServer(tmp_path / "own-server")
-    own.start()
-    try:
-        for key, value in own.env().items():
-            monkeypatch.setenv(key, value)
-        url = f"s3://{BUCKET}/restart"
-        src = tmp_path / "src"
-        src.mkdir()
-        write(src / "first.txt", b"first\n")
+def test_server_restarted_mid_append_loses_no_visit(tmp_path, own_server):
+    url = f"s3://{BUCKET}/restart"
+    src = tmp_path / "src"
+    src.mkdir()
+    write(src / "first.txt", b"first\n")
+    run_cli("append", src, "--store", url)
+    reference = tmp_path / "ref1"
+    run_cli("materialize", "--store", url, reference)
+
+    write(src / "huge.bin", random_bytes(32 * MIB, 9))
+    writer = start("append", src, "--store", url)
+    _wait_for(lambda: own_server.multipart_uploads() > 0, writer, "the upload began")
+    own_server.stop()
+    time.sleep(1)
+    own_server.start()
+    result = finish(writer)
+    assert result.returncode in (0, 1), describe_run(result, "append crashed")
+    if result.returncode == 1:
+        assert result.stderr.startswith("deltatar: error:"), result.stderr
+        assert "Traceback" not in result.stderr
         run_cli("append", src, "--store", url)
-        reference = tmp_path / "ref1"
-        run_cli("materialize", "--store", url, reference)
 
-        write(src / "huge.bin", random_bytes(32 * MIB, 9))
-        writer = start("append", src, "--store", url)
-        _wait_for(lambda: own.multipart_uploads() > 0, writer, "the upload began")
-        own.stop()
-        time.sleep(1)
-        own.start()
-        result = finish(writer)
-        assert result.returncode in (0, 1), describe_run(result, "append crashed")
-        if result.returncode == 1:
-            assert result.stderr.startswith("deltatar: error:"), result.stderr
-            assert "Traceback" not in result.stderr
-            run_cli("append", src, "--store", url)
-
-        log = run_json("log", "--store", url, "--json")["visits"]
-        assert [record["visit"] for record in log] == [1, 2]
-        assert_same_tree(reference, _materialized(url, 1, tmp_path / "v1"))
-        assert_same_tree(src, _materialized(url, 2, tmp_path / "v2"))
-        run_cli("verify", "--store", url)
-    finally:
-        own.stop()
+    log = run_json("log", "--store", url, "--json")["visits"]
+    assert [record["visit"] for record in log] == [1, 2]
+    assert_same_tree(reference, _materialized(url, 1, tmp_path / "v1"))
+    assert_same_tree(src, _materialized(url, 2, tmp_path / "v2"))
+    run_cli("verify", "--store", url)
 
 
 @pytest.mark.slow
-def test_server_down_for_seconds_during_an_append_is_ridden_out(tmp_path, monkeypatch):
+def test_server_down_for_seconds_during_an_append_is_ridden_out(tmp_path, own_server):
     # The server is gone when the append starts and comes back five seconds
     # (plus its start-up) later; every request must be retried for longer
     # than that, so the append succeeds.
-    own = SeaweedServer(tmp_path / "own-server")
-    own.start()
-    try:
-        for key, value in own.env().items():
-            monkeypatch.setenv(key, value)
-        url = f"s3://{BUCKET}/outage"
-        src = tmp_path / "src"
-        src.mkdir()
-        write(src / "first.txt", b"first\n")
-        run_cli("append", src, "--store", url)
+    url = f"s3://{BUCKET}/outage"
+    src = tmp_path / "src"
+    src.mkdir()
+    write(src / "first.txt", b"first\n")
+    run_cli("append", src, "--store", url)
 
-        write(src / "second.bin", random_bytes(2 * MIB, 11))
-        own.stop()
-        writer = start("append", src, "--store", url)
-        time.sleep(5)
-        own.start()
-        result = finish(writer)
+    write(src / "second.bin", random_bytes(2 * MIB, 11))
+    own_server.stop()
+    writer = start("append", src, "--store", url)
+    time.sleep(5)
+    own_server.start()
+    result = finish(writer)
 
-        assert result.returncode == 0, describe_run(result, "append gave up")
-        log = run_json("log", "--store", url, "--json")["visits"]
-        assert [record["visit"] for record in log] == [1, 2]
-        assert_same_tree(src, _materialized(url, 2, tmp_path / "v2"))
-        run_cli("verify", "--store", url)
-    finally:
-        own.stop()
+    assert result.returncode == 0, describe_run(result, "append gave up")
+    log = run_json("log", "--store", url, "--json")["visits"]
+    assert [record["visit"] for record in log] == [1, 2]
+    assert_same_tree(src, _materialized(url, 2, tmp_path / "v2"))
+    run_cli("verify", "--store", url)
 
 
 def _materialized(url: str, visit: int, dest: Path) -> Path:
